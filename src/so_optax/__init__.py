@@ -1,0 +1,28 @@
+"""so_optax: second-order optimizers (SOAP, Sophia) as optax gradient transformations."""
+
+from so_optax._hessian_estimators import (
+    GNBState,
+    HutchinsonState,
+    gnb_diag_from_labels,
+    gnb_hessian_estimator,
+    hutchinson_diag_from_probe,
+    hutchinson_hessian_estimator,
+)
+from so_optax._soap import SOAP_STATIC_ARGS, ScaleBySoapState, scale_by_soap, soap
+from so_optax._sophia import SOPHIA_STATIC_ARGS, SophiaState, sophia
+
+__all__ = [
+    "SOAP_STATIC_ARGS",
+    "ScaleBySoapState",
+    "scale_by_soap",
+    "soap",
+    "SOPHIA_STATIC_ARGS",
+    "SophiaState",
+    "sophia",
+    "GNBState",
+    "HutchinsonState",
+    "gnb_hessian_estimator",
+    "hutchinson_hessian_estimator",
+    "gnb_diag_from_labels",
+    "hutchinson_diag_from_probe",
+]

@@ -1,0 +1,96 @@
+"""Linear algebra shared by the so_optax optimizers.
+
+Everything here works on a single (unbatched) tensor; callers ``jax.vmap`` these functions over a
+stack of same-shape tensors so that XLA sees one batched matmul / eigh / QR per group.
+
+Conventions:
+
+* A *basis* ``Q`` is a square orthogonal matrix whose columns are (approximate) eigenvectors of a
+  symmetric factor, in descending order of eigenvalue. ``None`` stands for the identity (a
+  dimension that is not preconditioned).
+* ``project(x, bases)`` rotates ``x`` into the eigenbasis: along every axis ``i`` with a basis it
+  computes ``Q_iᵀ x`` (mode-``i`` product); ``project_back`` applies ``Q_i`` and undoes it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Basis = Optional[jax.Array]
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype second-order statistics are kept in: ``dtype`` promoted with float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _mode_product(x: jax.Array, mat: jax.Array, axis: int, contract_rows: bool) -> jax.Array:
+    """Multiplies ``x`` along ``axis`` by ``matᵀ`` (``contract_rows``) or by ``mat``."""
+    y = jnp.tensordot(x, mat, axes=((axis,), (0 if contract_rows else 1,)))
+    return jnp.moveaxis(y, -1, axis)
+
+
+def project(x: jax.Array, bases: Sequence[Basis]) -> jax.Array:
+    """Rotates ``x`` into the eigenbases: ``x ×_i Q_iᵀ`` for every axis ``i`` with a basis."""
+    for axis, q in enumerate(bases):
+        if q is not None:
+            x = _mode_product(x, q, axis, contract_rows=True)
+    return x
+
+
+def project_back(x: jax.Array, bases: Sequence[Basis]) -> jax.Array:
+    """Inverse of :func:`project`: ``x ×_i Q_i`` for every axis ``i`` with a basis."""
+    for axis, q in enumerate(bases):
+        if q is not None:
+            x = _mode_product(x, q, axis, contract_rows=False)
+    return x
+
+
+def gram(x: jax.Array, axis: int) -> jax.Array:
+    """``x`` contracted with itself over every axis except ``axis``: a ``(d, d)`` PSD matrix.
+
+    For a matrix ``G`` this is ``G Gᵀ`` (``axis=0``) or ``Gᵀ G`` (``axis=1``).
+    """
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    return jnp.tensordot(x, x, axes=(others, others))
+
+
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def eigh_descending(mat: jax.Array, fallback: jax.Array) -> jax.Array:
+    """Eigenvectors of the symmetric ``mat`` as columns, by descending eigenvalue.
+
+    ``mat`` is decomposed in its own dtype (float32 or wider). If the decomposition is not finite
+    (an ill-conditioned or non-finite factor), ``fallback`` is returned instead.
+    """
+    _, vecs = jnp.linalg.eigh(mat)
+    vecs = vecs[:, ::-1]
+    return jnp.where(_all_finite(vecs), vecs, fallback.astype(vecs.dtype))
+
+
+def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step of subspace (power) iteration with QR, the cheap SOAP eigenbasis refresh.
+
+    With ``P = F Q`` the estimated eigenvalues are ``diag(Qᵀ F Q) = sum(Q ⊙ P, axis=0)`` (no second
+    matmul). The columns are ordered by decreasing estimate and ``Q_new = qr(P[:, order]).Q``.
+
+    Args:
+      factor: the symmetric factor ``F`` (``(d, d)``).
+      basis: the current basis ``Q`` (``(d, d)``).
+
+    Returns:
+      ``(new_basis, order)``: ``order`` is the permutation applied to the columns, which callers
+      apply to the matching axis of the second moment. If the QR result is not finite the sorted old
+      basis ``Q[:, order]`` is returned (the last good basis, consistent with ``order``).
+    """
+    p = factor @ basis
+    estimates = jnp.sum(basis * p, axis=0)
+    order = jnp.argsort(estimates, descending=True)
+    q_new, _ = jnp.linalg.qr(p[:, order])
+    sorted_old = basis[:, order]
+    return jnp.where(_all_finite(q_new), q_new, sorted_old), order

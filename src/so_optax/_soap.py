@@ -1,0 +1,539 @@
+"""SOAP: Shampoo with Adam in the Preconditioner's eigenbasis (Vyas et al., 2024).
+
+SOAP runs Adam in the (slowly changing) eigenbasis of Shampoo's Kronecker factors. For a matrix
+parameter with gradient ``G`` (``m × n``) it keeps the factors
+
+    L ← β_s L + (1 − β_s) G Gᵀ,        R ← β_s R + (1 − β_s) Gᵀ G,
+
+their eigenbases ``Q_L``, ``Q_R`` (columns by descending eigenvalue), and Adam's moments in the
+rotated coordinates:
+
+    G' = Q_Lᵀ G Q_R
+    m ← β1 m + (1 − β1) G'              v ← β2 v + (1 − β2) G'²
+    u = Q_L (m / (√v + ε)) Q_Rᵀ
+
+Tensors of any rank use one factor per (work) dimension, ``G' = G ×_1 Q_1ᵀ ×_2 Q_2ᵀ ...``; a
+dimension larger than ``max_precond_dim`` (and a 1-D tensor unless ``precondition_1d``) uses the
+identity basis, so a tensor without any factor reduces to Adam.
+
+The first call only builds the factors and their eigenbases (``eigh``); the parameters do not move
+and Adam's step counter starts at the second call. Every ``precondition_frequency`` Adam steps the
+bases are refreshed with one power iteration and a QR decomposition,
+
+    P = F Q,   order = argsort(diag(Qᵀ F Q), descending),   Q ← qr(P[:, order]).Q,
+
+the second moment ``v`` is permuted with ``order`` along the matching axis, and the first moment
+``m`` is rotated from the old basis into the new one (only on these refresh steps).
+
+Reference:
+  Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+  <https://arxiv.org/abs/2409.11321>`_, 2024.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from so_common.soap_layout import DATA_FORMATS, SoapLayout, soap_layout
+from so_common.validation import (
+    check_beta,
+    check_betas,
+    check_bool,
+    check_choice,
+    check_nonnegative,
+    check_positive_int,
+)
+from so_optax import _linalg
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+#: Options of :func:`soap` / :func:`scale_by_soap` that fix shapes and control flow. Pass them as
+#: ``static_args`` to ``optax.inject_hyperparams`` (``max_precond_dim`` is the one that is required:
+#: it is an ``int`` and would otherwise be traced; the booleans and the string are static anyway).
+SOAP_STATIC_ARGS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format")
+
+
+class ScaleBySoapState(NamedTuple):
+    """State of :func:`scale_by_soap` and :func:`soap`.
+
+    Every field except ``count`` mirrors the parameter tree (one entry per parameter leaf).
+
+    Attributes:
+      count: ``int32`` scalar, number of ``update`` calls so far (Adam's step is ``count - 1``).
+      exp_avg: first moment ``m``, in the eigenbasis, in the leaf's *work shape*
+        (``so_common.soap_layout``), float32 or wider.
+      exp_avg_sq: second moment ``v``, same layout as ``exp_avg``.
+      factors: per leaf, a tuple with one entry per work dimension: the ``(d, d)`` factor
+        (``L``, ``R``, ...) or ``None`` for a dimension with the identity basis.
+      bases: per leaf, a tuple like ``factors``: the ``(d, d)`` orthogonal basis whose columns are
+        eigenvectors by descending eigenvalue, or ``None``. A basis may be replaced between calls
+        with ``state._replace(bases=...)`` (e.g. to feed two implementations the same basis after
+        the first call); note that ``exp_avg`` is expressed in the current basis and is not rotated
+        by such a replacement (it is zero right after the first call).
+    """
+
+    count: jax.Array
+    exp_avg: optax.Updates
+    exp_avg_sq: optax.Updates
+    factors: Any
+    bases: Any
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray, np.generic))
+
+
+def _validate(
+    betas,
+    shampoo_beta,
+    eps,
+    weight_decay,
+    precondition_frequency,
+    max_precond_dim,
+    merge_dims,
+    precondition_1d,
+    normalize_grads,
+    data_format,
+    correct_bias,
+    learning_rate,
+) -> None:
+    check_betas("betas", betas)
+    if isinstance(shampoo_beta, numbers.Real) and not isinstance(shampoo_beta, bool):
+        if shampoo_beta >= 0:  # negative means "use betas[1]"
+            check_beta("shampoo_beta", shampoo_beta)
+    check_nonnegative("eps", eps)
+    check_nonnegative("weight_decay", weight_decay)
+    if not _is_traced(precondition_frequency):
+        check_positive_int("precondition_frequency", precondition_frequency)
+    if _is_traced(max_precond_dim):
+        raise ValueError(
+            "Invalid max_precond_dim: it must be a static Python int (under optax.inject_hyperparams "
+            "pass static_args=so_optax.SOAP_STATIC_ARGS)"
+        )
+    check_positive_int("max_precond_dim", max_precond_dim)
+    check_bool("merge_dims", merge_dims)
+    check_bool("precondition_1d", precondition_1d)
+    check_bool("normalize_grads", normalize_grads)
+    check_choice("data_format", data_format, DATA_FORMATS)
+    check_bool("correct_bias", correct_bias)
+    if learning_rate is not None and not callable(learning_rate):
+        check_nonnegative("learning_rate", learning_rate)
+
+
+def _to_work(x: jax.Array, layout: SoapLayout) -> jax.Array:
+    if layout.permutation is not None:
+        x = jnp.transpose(x, layout.permutation)
+    return x.reshape(layout.work_shape)
+
+
+def _from_work(x: jax.Array, layout: SoapLayout) -> jax.Array:
+    x = x.reshape(layout.permuted_shape)
+    if layout.permutation is not None:
+        x = jnp.transpose(x, layout.inverse_permutation)
+    return x
+
+
+def _vmap_over_leading(fn):
+    """``jax.vmap`` over axis 0 of every argument (``None`` entries of tuples pass through)."""
+    return jax.vmap(fn)
+
+
+def _init_bases(factors, bases):
+    """First call: eigenbases of the factors (descending), identity-basis dims stay ``None``."""
+    return tuple(
+        None if f is None else jax.vmap(_linalg.eigh_descending)(f, q) for f, q in zip(factors, bases)
+    )
+
+
+def _refresh_one(factors, bases, exp_avg, exp_avg_sq):
+    """Refresh of one tensor: power iteration + QR per factor, permute ``v``, rotate ``m``."""
+    exp_avg = _linalg.project_back(exp_avg, bases)
+    new_bases = []
+    for axis, (f, q) in enumerate(zip(factors, bases)):
+        if q is None:
+            new_bases.append(None)
+            continue
+        q, order = _linalg.power_iteration_refresh(f, q)
+        exp_avg_sq = jnp.take(exp_avg_sq, order, axis=axis)
+        new_bases.append(q)
+    new_bases = tuple(new_bases)
+    return new_bases, _linalg.project(exp_avg, new_bases), exp_avg_sq
+
+
+def _soap_transform(
+    betas,
+    shampoo_beta,
+    eps,
+    weight_decay,
+    precondition_frequency,
+    max_precond_dim,
+    merge_dims,
+    precondition_1d,
+    normalize_grads,
+    data_format,
+    correct_bias,
+    learning_rate,
+) -> optax.GradientTransformation:
+    _validate(
+        betas,
+        shampoo_beta,
+        eps,
+        weight_decay,
+        precondition_frequency,
+        max_precond_dim,
+        merge_dims,
+        precondition_1d,
+        normalize_grads,
+        data_format,
+        correct_bias,
+        learning_rate,
+    )
+    b1, b2 = betas
+    static_zero_decay = isinstance(weight_decay, numbers.Real) and weight_decay == 0
+
+    def layout_of(shape) -> SoapLayout:
+        return soap_layout(
+            tuple(shape),
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            data_format=data_format,
+        )
+
+    def init_fn(params):
+        leaves, treedef = jax.tree.flatten(params)
+        exp_avg, factors, bases = [], [], []
+        for leaf in leaves:
+            layout = layout_of(jnp.shape(leaf))
+            dtype = _linalg.compute_dtype(jnp.asarray(leaf).dtype)
+            exp_avg.append(jnp.zeros(layout.work_shape, dtype))
+            factors.append(
+                tuple(
+                    jnp.zeros((d, d), dtype) if on else None
+                    for d, on in zip(layout.work_shape, layout.preconditioned)
+                )
+            )
+            bases.append(
+                tuple(
+                    jnp.eye(d, dtype=dtype) if on else None
+                    for d, on in zip(layout.work_shape, layout.preconditioned)
+                )
+            )
+        return ScaleBySoapState(
+            count=jnp.zeros([], jnp.int32),
+            exp_avg=treedef.unflatten(exp_avg),
+            exp_avg_sq=treedef.unflatten([jnp.zeros_like(m) for m in exp_avg]),
+            factors=treedef.unflatten(factors),
+            bases=treedef.unflatten(bases),
+        )
+
+    def update_fn(updates, state, params=None):
+        grads, treedef = jax.tree.flatten(updates)
+        n = len(grads)
+        if not static_zero_decay and params is None:
+            raise ValueError(
+                "soap with weight_decay needs the parameters: call update(updates, state, params)"
+            )
+        param_leaves = treedef.flatten_up_to(params) if params is not None else [None] * n
+        exp_avg = treedef.flatten_up_to(state.exp_avg)
+        exp_avg_sq = treedef.flatten_up_to(state.exp_avg_sq)
+        factors = treedef.flatten_up_to(state.factors)
+        bases = treedef.flatten_up_to(state.bases)
+        layouts = [layout_of(g.shape) for g in grads]
+
+        count = state.count
+        first = count == 0
+        refresh = jnp.logical_and(~first, jnp.remainder(count, precondition_frequency) == 0)
+
+        # Group the leaves whose per-tensor math is identical, so that each group is one batched
+        # (vmapped) computation: same work shape, same preconditioned dims, same compute dtype.
+        group_of: dict = {}
+        for k, (layout, m) in enumerate(zip(layouts, exp_avg)):
+            key = (layout.work_shape, layout.preconditioned, jnp.dtype(m.dtype))
+            group_of.setdefault(key, []).append(k)
+        groups = list(group_of.items())
+
+        def cast(x, dtype):
+            return jnp.asarray(x).astype(dtype)
+
+        stacked = []
+        for (_, precond, dtype), members in groups:
+            sb_raw = shampoo_beta
+            if isinstance(sb_raw, numbers.Real):
+                sb = cast(sb_raw if sb_raw >= 0 else b2, dtype)
+            else:
+                sb = jnp.where(cast(sb_raw, dtype) >= 0, cast(sb_raw, dtype), cast(b2, dtype))
+            g = jnp.stack([_to_work(grads[k], layouts[k]).astype(dtype) for k in members])
+            fac, bas = [], []
+            for axis, on in enumerate(precond):
+                if not on:
+                    fac.append(None)
+                    bas.append(None)
+                    continue
+                old = jnp.stack([factors[k][axis].astype(dtype) for k in members])
+                new = jax.vmap(lambda x, a=axis: _linalg.gram(x, a))(g)
+                fac.append(sb * old + (1 - sb) * new)
+                bas.append(jnp.stack([bases[k][axis].astype(dtype) for k in members]))
+            stacked.append(
+                dict(
+                    g=g,
+                    m=jnp.stack([exp_avg[k].astype(dtype) for k in members]),
+                    v=jnp.stack([exp_avg_sq[k].astype(dtype) for k in members]),
+                    factors=tuple(fac),
+                    bases=tuple(bas),
+                )
+            )
+
+        def first_branch(ops):
+            return [
+                dict(m=o["m"], v=o["v"], bases=_init_bases(o["factors"], o["bases"]), u=jnp.zeros_like(o["g"]))
+                for o in ops
+            ]
+
+        def refresh_branch(ops):
+            out = []
+            for o in ops:
+                if all(q is None for q in o["bases"]):
+                    out.append(dict(m=o["m"], v=o["v"], bases=o["bases"]))
+                    continue
+                new_bases, m, v = jax.vmap(_refresh_one)(o["factors"], o["bases"], o["m"], o["v"])
+                out.append(dict(m=m, v=v, bases=new_bases))
+            return out
+
+        def keep_branch(ops):
+            return [dict(m=o["m"], v=o["v"], bases=o["bases"]) for o in ops]
+
+        def step_branch(ops):
+            moved = []
+            for o in ops:
+                dtype = o["g"].dtype
+                one = jnp.ones([], dtype)
+                beta1, beta2, epsilon = cast(b1, dtype), cast(b2, dtype), cast(eps, dtype)
+                gp = jax.vmap(_linalg.project)(o["g"], o["bases"])
+                m = beta1 * o["m"] + (one - beta1) * gp
+                v = beta2 * o["v"] + (one - beta2) * jnp.square(gp)
+                u = jax.vmap(_linalg.project_back)(m / (jnp.sqrt(v) + epsilon), o["bases"])
+                if normalize_grads:
+                    axes = tuple(range(1, u.ndim))
+                    rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
+                    u = u / (cast(1e-30, dtype) + rms)
+                moved.append(dict(o, m=m, v=v, u=u))
+            rotated = lax.cond(refresh, refresh_branch, keep_branch, moved)
+            return [dict(r, u=o["u"]) for r, o in zip(rotated, moved)]
+
+        results = lax.cond(first, first_branch, step_branch, stacked)
+
+        new_exp_avg, new_exp_avg_sq = [None] * n, [None] * n
+        new_factors, new_bases, directions = [None] * n, [None] * n, [None] * n
+        t = jnp.maximum(count, 1)
+        lr_now = None
+        if learning_rate is not None and not static_zero_decay:
+            lr_now = learning_rate(count) if callable(learning_rate) else learning_rate
+        for ((_, precond, dtype), members), ops, res in zip(groups, stacked, results):
+            tf = t.astype(dtype)
+            if correct_bias:
+                scale = jnp.sqrt(1 - jnp.power(cast(b2, dtype), tf)) / (1 - jnp.power(cast(b1, dtype), tf))
+            else:
+                scale = jnp.ones([], dtype)
+            for j, k in enumerate(members):
+                layout = layouts[k]
+                new_exp_avg[k] = res["m"][j]
+                new_exp_avg_sq[k] = res["v"][j]
+                new_factors[k] = tuple(None if f is None else f[j] for f in ops["factors"])
+                new_bases[k] = tuple(None if q is None else q[j] for q in res["bases"])
+                d = scale * _from_work(res["u"][j], layout)
+                out_dtype = grads[k].dtype
+                if params is not None:
+                    out_dtype = jnp.asarray(param_leaves[k]).dtype
+                if not static_zero_decay:
+                    p = jnp.asarray(param_leaves[k]).astype(dtype)
+                    wd = jnp.where(first, jnp.zeros([], dtype), cast(weight_decay, dtype))
+                    if lr_now is None:
+                        d = d + wd * p  # AdamW ordering
+                    else:
+                        # The reference decays the already-updated parameter: p1 = p - lr*d0,
+                        # p2 = p1 - lr*wd*p1, i.e. direction d0 + wd*(p - lr*d0).
+                        d = d * (1 - cast(lr_now, dtype) * wd) + wd * p
+                directions[k] = d.astype(out_dtype)
+
+        new_state = ScaleBySoapState(
+            count=optax.safe_increment(count),
+            exp_avg=treedef.unflatten(new_exp_avg),
+            exp_avg_sq=treedef.unflatten(new_exp_avg_sq),
+            factors=treedef.unflatten(new_factors),
+            bases=treedef.unflatten(new_bases),
+        )
+        return treedef.unflatten(directions), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_soap(
+    betas: tuple[float, float] = (0.95, 0.95),
+    shampoo_beta: float = -1,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    data_format: str = "channels_first",
+    correct_bias: bool = True,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by SOAP's preconditioner (no weight decay, no learning rate).
+
+    Per parameter, with ``G`` the gradient reshaped to its work shape (see
+    ``so_common.soap_layout``), factors ``F_i`` and eigenbases ``Q_i`` for the preconditioned
+    dimensions, ``β_s = shampoo_beta`` if it is ``>= 0`` else ``betas[1]``:
+
+    * first call: ``F_i = (1 − β_s) G_(i) G_(i)ᵀ``, ``Q_i`` = eigenvectors of ``F_i`` by
+      descending eigenvalue; the returned direction is zero;
+    * call ``t + 1`` (Adam step ``t = 1, 2, ...``)::
+
+        G' = G ×_i Q_iᵀ
+        m ← β1 m + (1 − β1) G'          v ← β2 v + (1 − β2) G'²
+        u = (m / (√v + ε)) ×_i Q_i       [/ (1e-30 + rms(u)) if normalize_grads]
+        direction = f_t u,  f_t = √(1 − β2ᵗ) / (1 − β1ᵗ)  (1 if not correct_bias)
+        F_i ← β_s F_i + (1 − β_s) G_(i) G_(i)ᵀ
+        if t % precondition_frequency == 0: refresh Q_i (power iteration + QR on the new F_i),
+           permute v accordingly and rotate m into the new basis.
+
+    The factors, bases, decompositions and moments are kept in float32 or wider whatever the
+    parameter dtype; the direction is returned in the parameter dtype. A non-finite ``eigh`` or QR
+    keeps the last good basis (the identity at the first call).
+
+    Args:
+      betas: Adam's ``(β1, β2)``.
+      shampoo_beta: EMA coefficient of the factors; a negative value means ``betas[1]``.
+      eps: added to ``√v``.
+      precondition_frequency: refresh the eigenbases every this many Adam steps.
+      max_precond_dim: dimensions larger than this use the identity basis.
+      merge_dims: greedily merge consecutive dimensions while their product is at most
+        ``max_precond_dim``.
+      precondition_1d: also precondition 1-D parameters (if not larger than ``max_precond_dim``).
+      normalize_grads: divide the preconditioned update of each tensor by its RMS.
+      data_format: ``'channels_first'`` (NCHW) or ``'channels_last'`` (NHWC: 4-D tensors are
+        permuted to NCHW before merging; only used with ``merge_dims``).
+      correct_bias: apply Adam's bias correction ``f_t``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
+
+    References:
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, 2024.
+    """
+    return _soap_transform(
+        betas,
+        shampoo_beta,
+        eps,
+        0.0,
+        precondition_frequency,
+        max_precond_dim,
+        merge_dims,
+        precondition_1d,
+        normalize_grads,
+        data_format,
+        correct_bias,
+        None,
+    )
+
+
+def soap(
+    betas: tuple[float, float] = (0.95, 0.95),
+    shampoo_beta: float = -1,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    data_format: str = "channels_first",
+    correct_bias: bool = True,
+    learning_rate: Optional[ScalarOrSchedule] = None,
+) -> optax.GradientTransformation:
+    r"""The SOAP optimizer's descent direction, with decoupled weight decay.
+
+    Returns the *direction* ``d``: combine it with a (negative) learning rate,
+    ``optax.chain(so_optax.soap(...), optax.scale(-lr))`` or
+    ``optax.chain(so_optax.soap(...), optax.scale_by_learning_rate(schedule))``, so that
+    ``p_new = p − lr · d``. With ``u`` the (bias-corrected) SOAP update of :func:`scale_by_soap`
+    and ``λ = weight_decay``:
+
+    * ``learning_rate=None``: ``d = u + λ p`` (AdamW's decoupled decay,
+      ``p_new = p − lr·u − lr·λ·p``);
+    * ``learning_rate`` given (a float or a schedule of the call count, 0 at the first call, the
+      counter of ``optax.scale_by_learning_rate``): ``d = u + λ (p − lr·u)``, so that
+      ``p_new = p₁ − lr·λ·p₁`` with ``p₁ = p − lr·u``: the reference implementation's order (decay
+      of the already-updated parameter). The same ``lr`` must be used in the chain. The two
+      conventions differ by a relative ``lr·λ`` in the decay term.
+
+    The first call only builds the preconditioner: its direction is zero (no decay either).
+
+    Args:
+      betas: Adam's ``(β1, β2)``.
+      shampoo_beta: EMA coefficient of the factors; a negative value means ``betas[1]``.
+      eps: added to ``√v``.
+      weight_decay: decoupled weight decay coefficient ``λ``.
+      precondition_frequency: refresh the eigenbases every this many Adam steps.
+      max_precond_dim: dimensions larger than this use the identity basis.
+      merge_dims: greedily merge consecutive dimensions while their product is at most
+        ``max_precond_dim``.
+      precondition_1d: also precondition 1-D parameters (if not larger than ``max_precond_dim``).
+      normalize_grads: divide the preconditioned update of each tensor by its RMS.
+      data_format: ``'channels_first'`` (NCHW) or ``'channels_last'`` (NHWC), for 4-D tensors
+        with ``merge_dims``.
+      correct_bias: apply Adam's bias correction.
+      learning_rate: optional; only used to reproduce the reference's post-step weight decay
+        exactly (see above).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, so_optax
+      >>> def f(x): return jnp.sum(jnp.square(x @ jnp.array([[2.0, 0.0], [0.0, 0.5]])))
+      >>> params = jnp.ones((3, 2))
+      >>> opt = optax.chain(so_optax.soap(weight_decay=0.0), optax.scale(-0.1))
+      >>> state = opt.init(params)
+      >>> for _ in range(20):
+      ...   updates, state = opt.update(jax.grad(f)(params), state, params)
+      ...   params = optax.apply_updates(params, updates)
+      >>> bool(f(params) < f(jnp.ones((3, 2))))
+      True
+
+    With schedules or injected hyperparameters (numeric options ``eps``, ``weight_decay``,
+    ``shampoo_beta``, ``learning_rate``, ``precondition_frequency`` may be traced)::
+
+      opt = optax.inject_hyperparams(so_optax.soap, static_args=so_optax.SOAP_STATIC_ARGS)(
+          learning_rate=schedule, weight_decay=0.01)
+      # then chain with optax.scale_by_learning_rate(schedule), or read
+      # state.hyperparams['learning_rate']. For bf16 parameters pass
+      # hyperparam_dtype=jnp.float32, otherwise the injected values are rounded to bf16.
+
+    References:
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, 2024.
+    """
+    return _soap_transform(
+        betas,
+        shampoo_beta,
+        eps,
+        weight_decay,
+        precondition_frequency,
+        max_precond_dim,
+        merge_dims,
+        precondition_1d,
+        normalize_grads,
+        data_format,
+        correct_bias,
+        learning_rate,
+    )

@@ -1,0 +1,309 @@
+r"""Sophia (Sophia-G and Sophia-H) as a pure optax transformation.
+
+Liu, Li, Hall, Liang and Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for Language
+Model Pre-training", 2023, arXiv:2305.14342.
+
+Sophia keeps an EMA ``m`` of the gradients and an EMA ``h`` of a stochastic estimate ``ĥ`` of the
+Hessian diagonal, refreshed every ``k`` steps only, and steps along the element-wise clipped
+ratio ``m / h``: a Newton-like step where the curvature is trusted and a sign-momentum step of
+bounded size where it is not (small, negative or stale ``h``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from so_common import validation
+from so_optax import _hessian_estimators as _est
+
+__all__ = ["SOPHIA_STATIC_ARGS", "SophiaState", "sophia"]
+
+# Arguments of :func:`sophia` that ``optax.inject_hyperparams`` must treat as static (a callable
+# ``weight_decay_mask`` would otherwise be taken for a schedule; the seed only matters at init).
+# Strings, bools, tuples and transformations are static anyway; rho, weight_decay, eps, gamma and
+# k may be injected.
+SOPHIA_STATIC_ARGS = ("seed", "weight_decay_mask")
+
+PyTree = Any
+
+_FORMS = ("seed", "paper")
+_ESTIMATORS = ("gnb", "hutchinson")
+
+
+class SophiaState(NamedTuple):
+    """State of :func:`sophia` (all arrays; jits, checkpoints and shards like any optax state).
+
+    Attributes:
+      count: int32, number of ``update`` calls so far (the step ``t`` of the last call).
+      mu: EMA of the gradients ``m`` (pytree like params, float32 or wider).
+      nu: EMA of the Hessian-diagonal estimates ``h`` (pytree like params, float32 or wider). It
+        starts at 0 and changes only on refresh steps ``t = k, 2k, ...``. Tests may replace it with
+        ``state._replace(nu=...)``.
+      win_rate: float32 scalar, fraction of coordinates whose ratio was *not* clipped at the last
+        step (the paper's diagnostic; the authors suggest keeping it roughly in 0.1-0.5, raising
+        ``rho``/``gamma`` if it is too low). Computed on device every step, no host callback.
+      estimator_state: the Hessian estimator's state (holds its PRNG key).
+    """
+
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+    win_rate: jax.Array
+    estimator_state: Any
+
+
+def _is_python_number(x: Any) -> bool:
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def _state_dtype(dtype) -> jnp.dtype:
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _make_estimator(estimator, form: str, seed) -> optax.GradientTransformationExtraArgs:
+    if isinstance(estimator, str):
+        validation.check_choice("estimator", estimator, _ESTIMATORS)
+        if estimator == "gnb":
+            return _est.gnb_hessian_estimator(seed, scale_by_batch_size=(form == "paper"))
+        return _est.hutchinson_hessian_estimator(
+            seed, distribution="gaussian", absolute=(form == "seed")
+        )
+    if not (callable(getattr(estimator, "init", None)) and callable(getattr(estimator, "update", None))):
+        raise ValueError(
+            f"Invalid estimator: {estimator!r} (must be 'gnb', 'hutchinson' or an optax "
+            "GradientTransformation whose update returns the Hessian-diagonal estimate)"
+        )
+    return optax.with_extra_args_support(estimator)
+
+
+def sophia(
+    betas: tuple[float, float] = (0.9, 0.999),
+    rho: float = 0.03,
+    weight_decay: float = 0.0,
+    k: int = 10,
+    estimator: Union[str, optax.GradientTransformation] = "gnb",
+    eps: float = 1e-12,
+    *,
+    form: str = "seed",
+    gamma: float = 0.01,
+    bias_correction: bool = False,
+    seed: Union[int, jax.Array] = 0,
+    weight_decay_mask: Optional[Union[PyTree, Callable[[PyTree], PyTree]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sophia: clipped, diagonally preconditioned momentum (Sophia-G / Sophia-H).
+
+    Returns the *direction* ``d``; compose with a learning rate,
+    ``optax.chain(so_optax.sophia(...), optax.scale(-lr))`` (or
+    ``optax.scale_by_learning_rate(schedule)``), for the parameter update ``p ← p − lr·d``.
+
+    At call ``t = 1, 2, ...`` with gradient ``g``::
+
+        m ← β1·m + (1 − β1)·g                        (m̂ = m / (1 − β1^t) if bias_correction)
+        if t % k == 0:  ĥ = estimator(params);  h ← β2·h + (1 − β2)·ĥ      (h starts at 0)
+        seed form:   u = clip(m̂ / (h + eps), −rho, rho)
+        paper form:  u = clip(m̂ / max(gamma·h, eps), −1, 1)
+        d = u + weight_decay·p
+
+    The estimate is computed *only* on refresh steps (under ``lax.cond``; one compiled program
+    for all steps) and the refreshed ``h`` is used in the same step. Early steps (``h = 0``) are
+    sign-momentum steps of size ``rho`` (seed) or 1 (paper).
+
+    Estimators (``estimator=``):
+
+    * ``'gnb'`` (Sophia-G, :func:`so_optax.gnb_hessian_estimator`): sample ``ŷ ~ softmax(logits)``
+      once for the batch, ``ĥ = ĝ ⊙ ĝ`` with ``ĝ`` the gradient of the mean cross-entropy on the
+      sampled labels. Paper form scales by the number ``B`` of counted label positions
+      (``ĥ = B·ĝ ⊙ ĝ``, an unbiased estimate of the Gauss-Newton diagonal); the seed form does not.
+      Needs ``update(..., logits_fn=lambda p: logits(p))``, logits ``(..., C)`` (e.g. ``(B, C)``
+      or ``(B, T, C)``), and optionally ``logits_mask=`` of shape ``logits.shape[:-1]``
+      (``False`` = padding, left out of the mean and of ``B``).
+    * ``'hutchinson'`` (Sophia-H, :func:`so_optax.hutchinson_hessian_estimator`): Gaussian probe
+      ``v``, ``ĥ = |v ⊙ Hv|`` in the seed form (as the seed does) and the unbiased ``v ⊙ Hv`` in
+      the paper form (negative entries are handled by ``max(gamma·h, eps)``). Needs
+      ``update(..., obj_fn=lambda p: loss(p))``.
+    * any optax transformation whose ``update(grads, state, params, **extra_args)`` returns a
+      Hessian-diagonal estimate shaped like ``params`` (e.g. the estimators above built with
+      other options, such as Rademacher probes). It receives the gradients and every extra
+      argument given to ``update``.
+
+    Deterministic randomness (tests, cross-checks against another framework): the extra
+    arguments ``sampled_labels=`` (GNB, shape ``logits.shape[:-1]``) and ``probe=`` (Hutchinson, a
+    pytree like params) are forwarded to the built-in estimators and replace their sampling; a
+    fixed estimate can be injected with a user transformation such as
+    ``GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
+    lambda u, s, p=None, *, hessian_estimate=None, **kw: (hessian_estimate, s))`` and
+    ``update(..., hessian_estimate=tree)``.
+
+    A missing ``logits_fn`` / ``obj_fn`` raises a ``ValueError`` naming it when ``update`` is
+    traced, on every step (pass it every step; it is evaluated on refresh steps only).
+
+    **The two parameterisations.** Writing ``h_seed`` for the EMA of the seed-form estimates::
+
+        seed:   u = clip(m/(h_seed + eps), −ρ, ρ) = ρ · clip(m/(ρ·h_seed + ρ·eps), −1, 1)
+
+    so ``form='seed'`` with ``(lr, rho)`` takes the same steps as ``form='paper'`` with
+    ``lr_paper = lr·rho`` and ``gamma·c = rho`` where ``h_paper = c·h_seed``, up to the eps
+    handling (additive ``rho·eps`` vs ``max(·, eps)``): ``c = 1`` for Hutchinson (``gamma = rho``;
+    the paper form drops the seed's absolute value), ``c = B`` for GNB (``gamma = rho / B``; the
+    paper form scales ĥ by the batch size ``B``). The official SophiaG GPT-2 recipe
+    (``p ← p(1 − lr·wd) − lr·clip(m / (ρ·bs·h + 1e-15), 1)`` with ``h`` the EMA of ``ĝ ⊙ ĝ``,
+    lr 3e-4 to 6e-4 with warmup and cosine decay, betas (0.965, 0.99), ρ 0.03–0.05,
+    weight_decay 0.2 on matrices only, k = 10) is::
+
+        tx = optax.chain(
+            so_optax.sophia(betas=(0.965, 0.99), weight_decay=0.2, k=10, form='paper',
+                            gamma=0.05, estimator='gnb',
+                            weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+            optax.scale_by_learning_rate(lr_schedule))
+
+    Here ``B`` is the number of counted label positions of the ``logits_fn`` batch; the official
+    script multiplies by its own ``bs`` argument instead, so to reproduce its numbers exactly use
+    ``gamma = ρ·bs / B``.
+    (the official loop refreshes ``h`` after the step of iteration ``t ≡ 0 mod k`` at the new
+    parameters, so it is used from step ``t + 1``; here it is refreshed at the current parameters
+    and used at step ``t``, as in the seed.)
+
+    **Weight decay.** ``d = u + weight_decay·p``, so ``p ← p·(1 − lr·weight_decay) − lr·u`` (the
+    AdamW / official Sophia convention). The seed's torch optimizer applies ``p ← p·(1 − w)`` with
+    its ``weight_decay = w``, i.e. ``weight_decay = w / lr`` here.
+
+    Args:
+      betas: ``(β1, β2)``: EMA rates of the gradient and of the Hessian estimate (the
+        effective per-step rate of ``h`` is about ``1 − (1 − β2)/k``).
+      rho: clipping threshold of the seed form (unused in the paper form).
+      weight_decay: decoupled weight decay added to the direction (see above).
+      k: refresh the Hessian estimate every ``k`` steps (``t = k, 2k, ...``).
+      estimator: ``'gnb'``, ``'hutchinson'`` or a transformation (see above).
+      eps: seed form: added to ``h``; paper form: lower bound of ``gamma·h``.
+      form: ``'seed'`` (default; the seed optimizer's rule) or ``'paper'`` (the paper's).
+      gamma: the paper form's curvature scale (called ρ in the paper's code; unused in the seed
+        form).
+      bias_correction: divide ``m`` by ``1 − β1^t`` (Adam-style); off in the seed and in the
+        official SophiaG, on in the official SophiaH.
+      seed: int or PRNG key for the built-in estimators (ignored for a user transformation).
+      weight_decay_mask: optional pytree of bools with the structure of params (or a prefix of
+        it), or a function ``params -> such a pytree``; weight decay applies where ``True``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with :class:`SophiaState`. Its ``update``
+      is ``update(grads, state, params, *, logits_fn=None, logits_mask=None, obj_fn=None,
+      **estimator_extra_args)``; ``params`` is required. Numeric options (``rho``,
+      ``weight_decay``, ``eps``, ``gamma``, ``k``) may be traced, e.g. under
+      ``optax.inject_hyperparams(so_optax.sophia, static_args=so_optax.SOPHIA_STATIC_ARGS)``.
+
+    Example (Sophia-G in a jitted step)::
+
+        tx = optax.chain(so_optax.sophia(estimator='gnb'), optax.scale(-1e-3))
+        state = tx.init(params)
+
+        @jax.jit
+        def train_step(params, state, x, y):
+            logits_fn = lambda p: model.apply(p, x)
+            grads = jax.grad(lambda p: loss(logits_fn(p), y))(params)
+            updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
+            return optax.apply_updates(params, updates), state
+
+    References:
+      Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+      Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
+    """
+    validation.check_betas("betas", betas)
+    validation.check_choice("form", form, _FORMS)
+    validation.check_nonnegative("rho", rho)
+    validation.check_nonnegative("weight_decay", weight_decay)
+    validation.check_nonnegative("eps", eps)
+    validation.check_nonnegative("gamma", gamma)
+    validation.check_bool("bias_correction", bias_correction)
+    if _is_python_number(k) or isinstance(k, (bool, np.generic)):
+        validation.check_positive_int("k", k)
+    est = _make_estimator(estimator, form, seed)
+    b1, b2 = betas
+    static_k_is_one = isinstance(k, numbers.Integral) and not isinstance(k, bool) and k == 1
+
+    def init_fn(params):
+        def zeros(p):
+            return jnp.zeros(jnp.shape(p), _state_dtype(jnp.result_type(p)))
+
+        return SophiaState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(zeros, params),
+            nu=jax.tree.map(zeros, params),
+            win_rate=jnp.ones([], jnp.float32),
+            estimator_state=est.init(params),
+        )
+
+    def update_fn(updates, state: SophiaState, params=None, **extra_args):
+        if params is None:
+            raise ValueError("Missing params: so_optax.sophia needs update(grads, state, params, ...)")
+        grads = updates
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(m.dtype), state.mu, grads)
+
+        def refresh(est_state, nu):
+            h_hat, est_state = est.update(grads, est_state, params, **extra_args)
+            nu = jax.tree.map(lambda n, e: b2 * n + (1.0 - b2) * e.astype(n.dtype), nu, h_hat)
+            return est_state, nu
+
+        def keep(est_state, nu):
+            return est_state, nu
+
+        if static_k_is_one:
+            est_state, nu = refresh(state.estimator_state, state.nu)
+        else:
+            est_state, nu = jax.lax.cond(
+                count % k == 0, refresh, keep, state.estimator_state, state.nu
+            )
+
+        m_hat = optax.tree.bias_correction(mu, b1, count) if bias_correction else mu
+        if form == "seed":
+            ratio = jax.tree.map(lambda m, n: m / (n + eps), m_hat, nu)
+            threshold = rho
+        else:
+            ratio = jax.tree.map(lambda m, n: m / jnp.maximum(gamma * n, eps), m_hat, nu)
+            threshold = 1.0
+
+        leaves = jax.tree.leaves(ratio)
+        size = sum(int(np.prod(np.shape(r))) for r in leaves)
+        not_clipped = sum(
+            (jnp.sum(jnp.abs(r) < threshold).astype(jnp.float32) for r in leaves),
+            jnp.zeros([], jnp.float32),
+        )
+        win_rate = not_clipped / max(size, 1) if size else jnp.ones([], jnp.float32)
+        direction = jax.tree.map(lambda r: jnp.clip(r, -threshold, threshold), ratio)
+
+        if not (_is_python_number(weight_decay) and weight_decay == 0):
+            mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+
+            def decay(d, p):
+                return d + weight_decay * p.astype(d.dtype)
+
+            if mask is None:
+                direction = jax.tree.map(decay, direction, params)
+            else:
+
+                def masked_decay(flag, d_sub, p_sub):
+                    return jax.tree.map(
+                        lambda d, p: jnp.where(flag, decay(d, p), d), d_sub, p_sub
+                    )
+
+                direction = jax.tree.map(masked_decay, mask, direction, params)
+
+        direction = jax.tree.map(lambda d, g: d.astype(jnp.result_type(g)), direction, grads)
+        new_state = SophiaState(
+            count=count,
+            mu=mu,
+            nu=nu,
+            win_rate=jnp.asarray(win_rate, jnp.float32),
+            estimator_state=est_state,
+        )
+        return direction, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,228 @@
+"""Diagonal Hessian estimators used by :class:`torch_bridge.Sophia`.
+
+Sophia (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training", arXiv:2305.14342) preconditions with an exponential moving average of a cheap, noisy
+estimate ``ĥ`` of the Hessian diagonal. Two estimators are provided here as small functions so that tests
+(and users) can call them directly:
+
+* **Gauss-Newton-Bartlett (GNB, Sophia-G).** For a loss ``ℓ(softmax(f(θ)), y)`` with logits ``f(θ)``,
+  sample labels ``ŷ ~ softmax(f(θ))`` once for the whole batch and take the gradient of the mean
+  cross-entropy of the sampled labels, ``ĝ = ∇θ (1/N) Σ_n CE(f_n(θ), ŷ_n)``. By Bartlett's identity
+  ``E[N · ĝ ⊙ ĝ]`` is the diagonal of the Gauss-Newton matrix of the mean loss, so ``ĥ = ĝ ⊙ ĝ`` (or
+  ``N · ĝ ⊙ ĝ``, the paper's form with ``N`` the number of label positions).
+* **Hutchinson (Sophia-H).** For probes ``v`` with ``E[v vᵀ] = I`` (Gaussian or Rademacher),
+  ``E[v ⊙ (H v)] = diag(H)``. ``H v`` is one double backward pass (reverse-over-reverse) through a
+  gradient computed with ``create_graph=True``.
+
+All functions handle every parameter in ONE autograd call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "sample_labels",
+    "sampled_label_loss",
+    "gnb_hessian_diagonal",
+    "draw_probes",
+    "hessian_vector_product",
+    "hutchinson_hessian_diagonal",
+]
+
+_FREED_GRAPH_MARKERS = ("second time", "already been freed")
+
+
+def _is_freed_graph_error(err: RuntimeError) -> bool:
+    message = str(err)
+    return any(marker in message for marker in _FREED_GRAPH_MARKERS)
+
+
+def sample_labels(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Samples one label per position from ``softmax(logits)``.
+
+    Args:
+      logits: ``(..., C)`` tensor of unnormalised log-probabilities; leading dims are positions
+        (``(B, C)`` for classification, ``(B, T, C)`` for a language model).
+      generator: optional ``torch.Generator`` for reproducible sampling.
+
+    Returns:
+      An ``int64`` tensor of shape ``logits.shape[:-1]`` with ``ŷ_n ~ Categorical(softmax(logits_n))``.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # multinomial wants float32/64 probabilities
+    probs = torch.softmax(flat, dim=-1)
+    labels = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return labels.reshape(logits.shape[:-1])
+
+
+def sampled_label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``labels`` under ``logits`` over the positions kept by ``mask``.
+
+    Args:
+      logits: ``(..., C)`` logits carrying their autograd graph.
+      labels: integer labels of shape ``logits.shape[:-1]``.
+      mask: optional boolean (or 0/1) tensor of shape ``logits.shape[:-1]``; ``True`` marks a real
+        position, ``False`` a padding position that is left out of the mean.
+
+    Returns:
+      ``(loss, num_positions)``: the scalar mean loss and the number ``N`` of positions averaged over
+      (a 0-d tensor).
+    """
+    num_classes = logits.shape[-1]
+    flat_logits = logits.reshape(-1, num_classes)
+    flat_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.long)
+    if mask is None:
+        loss = F.cross_entropy(flat_logits, flat_labels, reduction="mean")
+        count = torch.tensor(float(flat_labels.numel()), dtype=loss.dtype, device=loss.device)
+        return loss, count
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"Invalid logits_mask: shape {tuple(mask.shape)} does not match the positions of logits "
+            f"{tuple(logits.shape[:-1])} (logits.shape[:-1])"
+        )
+    keep = mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
+    per_position = F.cross_entropy(flat_logits, flat_labels, reduction="none")
+    count = keep.sum().to(per_position.dtype)
+    loss = torch.where(keep, per_position, torch.zeros_like(per_position)).sum() / count.clamp_min(1.0)
+    return loss, count
+
+
+def gnb_hessian_diagonal(
+    logits: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    scale_by_positions: bool = False,
+) -> list[torch.Tensor]:
+    """Gauss-Newton-Bartlett estimate ``ĥ = ĝ ⊙ ĝ`` (or ``N · ĝ ⊙ ĝ``) for all ``params`` at once.
+
+    ``ĝ`` is the gradient of :func:`sampled_label_loss` with respect to every parameter, taken with a
+    single ``torch.autograd.grad`` call. The graph behind ``logits`` is released by that call (no
+    ``retain_graph``), so nothing stays alive after the estimate.
+
+    Args:
+      logits: ``(..., C)`` model output with its autograd graph.
+      params: the parameters to estimate for.
+      labels: sampled labels, shape ``logits.shape[:-1]`` (see :func:`sample_labels`).
+      mask: optional position mask (``True`` = real position), see :func:`sampled_label_loss`.
+      scale_by_positions: multiply by the number ``N`` of label positions (the paper's ``B·ĝ⊙ĝ``).
+
+    Returns:
+      One tensor per parameter; parameters that do not influence ``logits`` get zeros.
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+        raise ValueError(
+            "Invalid logits: the Gauss-Newton-Bartlett estimate needs the model's logits with their "
+            "autograd graph (computed with grad enabled, not detached)"
+        )
+    params = list(params)
+    with torch.enable_grad():
+        loss, count = sampled_label_loss(logits, labels, mask)
+        try:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except RuntimeError as err:
+            if _is_freed_graph_error(err):
+                raise RuntimeError(
+                    "Sophia (gnb): the autograd graph behind `logits` was already freed. Call "
+                    "loss.backward(retain_graph=True) before optimizer.step(logits=logits) so that the "
+                    "Gauss-Newton-Bartlett estimate can backpropagate through the logits a second time."
+                ) from err
+            raise
+    out = []
+    for p, g in zip(params, grads):
+        if g is None:
+            out.append(torch.zeros_like(p))
+            continue
+        est = g * g
+        if scale_by_positions:
+            est.mul_(count.to(est.dtype))
+        out.append(est)
+    return out
+
+
+def draw_probes(
+    params: Sequence[torch.Tensor],
+    distribution: str = "gaussian",
+    generator: Optional[torch.Generator] = None,
+) -> list[torch.Tensor]:
+    """Draws Hutchinson probes ``v`` with ``E[v vᵀ] = I``, one per parameter.
+
+    Args:
+      params: tensors giving the shape, dtype and device of each probe.
+      distribution: ``'gaussian'`` (``v ~ N(0, I)``, the seed's choice) or ``'rademacher'``
+        (``v ∈ {-1, +1}`` uniformly, lower variance).
+      generator: optional ``torch.Generator``.
+    """
+    probes = []
+    for p in params:
+        if distribution == "gaussian":
+            v = torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator)
+        elif distribution == "rademacher":
+            v = torch.randint(0, 2, p.shape, device=p.device, generator=generator).to(p.dtype)
+            v.mul_(2).sub_(1)
+        else:
+            raise ValueError(f"Invalid probe: {distribution!r} (must be 'gaussian' or 'rademacher')")
+        probes.append(v)
+    return probes
+
+
+def hessian_vector_product(
+    loss: Optional[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    *,
+    grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> list[torch.Tensor]:
+    """Computes ``H v`` for the Hessian ``H = ∇²θ loss`` by a double backward pass.
+
+    ``H v = ∇θ ⟨∇θ loss, v⟩``: one ``torch.autograd.grad`` call with ``grad_outputs=vectors`` through the
+    gradient ``∇θ loss`` (computed here with ``create_graph=True`` unless ``grads`` already holds it).
+
+    Args:
+      loss: scalar loss with its autograd graph (ignored when ``grads`` is given).
+      params: parameters ``θ`` (leaves requiring grad).
+      vectors: ``v``, one tensor per parameter with the parameter's shape.
+      grads: optional precomputed ``∇θ loss`` (one per parameter) made with ``create_graph=True``.
+
+    Returns:
+      ``H v`` as a list of tensors shaped like ``params`` (zeros where the Hessian block is zero).
+    """
+    params = list(params)
+    vectors = list(vectors)
+    if len(vectors) != len(params):
+        raise ValueError(f"Invalid vectors: got {len(vectors)} for {len(params)} params")
+    with torch.enable_grad():
+        if grads is None:
+            if loss is None:
+                raise ValueError("Invalid loss: pass the scalar loss or its gradients `grads`")
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        outputs, grad_outputs = [], []
+        for g, v in zip(grads, vectors):
+            if g is not None and g.requires_grad:
+                outputs.append(g)
+                grad_outputs.append(v.to(g.dtype))
+        if not outputs:  # the loss is (at most) linear in params: H = 0
+            return [torch.zeros_like(p) for p in params]
+        hv = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+
+
+def hutchinson_hessian_diagonal(
+    probes: Sequence[torch.Tensor], hvps: Sequence[torch.Tensor], *, absolute: bool = False
+) -> list[torch.Tensor]:
+    """Hutchinson's estimate ``ĥ = v ⊙ (H v)`` (``|v ⊙ (H v)|`` when ``absolute``, the seed's choice)."""
+    out = []
+    for v, hv in zip(probes, hvps):
+        est = v * hv
+        if absolute:
+            est.abs_()
+        out.append(est)
+    return out

@@ -1,0 +1,358 @@
+"""SOAP for PyTorch: Adam in the eigenbasis of Shampoo's preconditioner.
+
+Reference: Nikhil Vyas, Depen Morwani, Rosie Zhao, Itai Shapira, David Brandfonbrener, Lucas Janson,
+Sham Kakade, "SOAP: Improving and Stabilizing Shampoo using Adam", 2024, arXiv:2409.11321.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from so_common.soap_layout import DATA_FORMATS, SoapLayout, soap_layout
+from so_common import validation
+
+from ._linalg import (
+    compute_dtype,
+    eigh_descending,
+    project,
+    project_back,
+    refresh_basis,
+    update_factors,
+)
+
+__all__ = ["SOAP"]
+
+_STEP, _EXP_AVG, _EXP_AVG_SQ, _GG, _Q = "step", "exp_avg", "exp_avg_sq", "GG", "Q"
+
+_DEFAULTS: dict[str, Any] = {
+    "lr": 3e-3,
+    "betas": (0.95, 0.95),
+    "shampoo_beta": -1,
+    "eps": 1e-8,
+    "weight_decay": 0.01,
+    "precondition_frequency": 10,
+    "max_precond_dim": 10000,
+    "merge_dims": False,
+    "precondition_1d": False,
+    "normalize_grads": False,
+    "data_format": "channels_first",
+    "correct_bias": True,
+}
+
+
+def _validate(options: dict[str, Any]) -> None:
+    """Raises ``ValueError`` naming the first invalid hyperparameter in ``options``."""
+    validation.check_nonnegative("lr", options["lr"])
+    validation.check_betas("betas", options["betas"])
+    shampoo_beta = options["shampoo_beta"]
+    if not validation._is_number(shampoo_beta):
+        raise ValueError(f"Invalid shampoo_beta: {shampoo_beta!r} (must be a number; < 0 means betas[1])")
+    if shampoo_beta >= 0:
+        validation.check_beta("shampoo_beta", shampoo_beta)
+    validation.check_nonnegative("eps", options["eps"])
+    validation.check_nonnegative("weight_decay", options["weight_decay"])
+    validation.check_positive_int("precondition_frequency", options["precondition_frequency"])
+    validation.check_positive_int("max_precond_dim", options["max_precond_dim"])
+    for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
+        validation.check_bool(name, options[name])
+    validation.check_choice("data_format", options["data_format"], DATA_FORMATS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(shape: tuple[int, ...], max_precond_dim: int, merge_dims: bool, precondition_1d: bool,
+            data_format: str) -> SoapLayout:
+    return soap_layout(shape, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+                       precondition_1d=precondition_1d, data_format=data_format)
+
+
+def _group_layout(p: torch.Tensor, group: dict[str, Any]) -> SoapLayout:
+    return _layout(tuple(p.shape), group["max_precond_dim"], group["merge_dims"],
+                   group["precondition_1d"], group["data_format"])
+
+
+def _to_work(x: torch.Tensor, layout: SoapLayout) -> torch.Tensor:
+    """``x`` (parameter shape) in the work layout: permuted (channels_last kernels) and reshaped."""
+    if layout.permutation is not None:
+        x = x.permute(layout.permutation)
+    return x.reshape(layout.work_shape)
+
+
+def _from_work(x: torch.Tensor, layout: SoapLayout) -> torch.Tensor:
+    """Inverse of :func:`_to_work` (a view where possible)."""
+    if layout.permutation is None:
+        return x.reshape(layout.shape)
+    return x.reshape(layout.permuted_shape).permute(layout.inverse_permutation)
+
+
+class SOAP(Optimizer):
+    r"""SOAP: Adam run in the slowly changing eigenbasis of Shampoo's preconditioner.
+
+    For a parameter whose gradient, in its work layout, is ``G`` (a matrix ``m×n`` in the common case),
+    SOAP keeps Shampoo's Kronecker factors and their eigenbases
+
+    .. math::
+        L \leftarrow \beta_s L + (1-\beta_s)\, G G^\top, \qquad
+        R \leftarrow \beta_s R + (1-\beta_s)\, G^\top G, \qquad
+        L \approx Q_L \Lambda_L Q_L^\top,\; R \approx Q_R \Lambda_R Q_R^\top,
+
+    and runs Adam on the rotated gradient :math:`G' = Q_L^\top G Q_R`:
+
+    .. math::
+        M \leftarrow \beta_1 M + (1-\beta_1) G', \qquad
+        V \leftarrow \beta_2 V + (1-\beta_2) G'^{\odot 2}, \qquad
+        U = Q_L \frac{M}{\sqrt{V} + \epsilon} Q_R^\top,
+
+    .. math::
+        p \leftarrow p - \eta\, \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, U, \qquad
+        p \leftarrow (1 - \eta\lambda)\, p .
+
+    Tensors of other ranks work alike, with one factor per dimension (``x ×_i Q_iᵀ`` along each).
+    The schedule follows the reference implementation (Vyas et al., 2024, arXiv:2409.11321):
+
+    * the first call for a parameter only builds the factors from its gradient and their eigenbases
+      (``eigh``, eigenvectors in descending eigenvalue order); the parameter does not move and the Adam
+      step ``t`` starts counting at the second call;
+    * the factors are updated with the raw gradient after each parameter update;
+    * every ``precondition_frequency`` Adam steps the bases are refreshed from the updated factors by
+      one power iteration and a QR decomposition, after sorting the old basis by its Rayleigh quotients
+      ``diag(Qᵀ GG Q)``; ``exp_avg_sq`` is permuted with the sort and ``exp_avg`` is rotated into the
+      new basis. ``exp_avg`` lives in the eigenbasis and is rotated only on these refresh steps;
+    * weight decay is applied after the update, to the updated parameter (decoupled, as in AdamW);
+    * with ``normalize_grads`` the direction ``U`` is divided by its root mean square.
+
+    A dimension larger than ``max_precond_dim`` (and a 1-D tensor unless ``precondition_1d``) keeps the
+    identity basis: Adam is applied along it unrotated. With ``merge_dims``, consecutive dimensions are
+    merged while their product stays at most ``max_precond_dim`` (4-D ``channels_last`` tensors are first
+    permuted to channels-first order); see :mod:`so_common.soap_layout`.
+
+    Numerics: factors, bases and moments are kept in the parameter dtype promoted with float32 (float32
+    for bf16/fp16 parameters, float64 for float64 ones); the update is applied to the parameter in its
+    own dtype. If ``eigh`` fails (an exception or non-finite values) it is retried in float64 and then
+    falls back to the identity; a non-finite QR refresh keeps the last good (re-sorted) basis.
+
+    The constructor matches the reference implementation's, so code written for it only changes its
+    import. Every option is a per-parameter-group hyperparameter (``data_format`` included).
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate :math:`\eta` (default ``3e-3``).
+        betas: Adam's :math:`(\beta_1, \beta_2)` (default ``(0.95, 0.95)``).
+        shampoo_beta: :math:`\beta_s`, the factors' moving-average coefficient; a negative value
+            (default ``-1``) means ``betas[1]``.
+        eps: added to :math:`\sqrt{V}` (default ``1e-8``).
+        weight_decay: decoupled weight decay :math:`\lambda` (default ``0.01``).
+        precondition_frequency: Adam steps between basis refreshes (default ``10``).
+        max_precond_dim: largest dimension that gets a basis (default ``10000``).
+        merge_dims: merge consecutive dimensions up to ``max_precond_dim`` (default ``False``).
+        precondition_1d: also precondition 1-D tensors (default ``False``).
+        normalize_grads: divide the direction by its RMS per tensor (default ``False``).
+        data_format: ``"channels_first"`` (NCHW) or ``"channels_last"`` (NHWC) for 4-D tensors; only
+            used with ``merge_dims`` (default ``"channels_first"``).
+        correct_bias: use Adam's bias correction (default ``True``).
+
+    State (``optimizer.state[p]``): ``"step"`` (int64 scalar tensor, Adam steps taken; 0 after the first
+    call), ``"exp_avg"`` and ``"exp_avg_sq"`` (work shape, in the eigenbasis), ``"GG"`` and ``"Q"``
+    (lists with one entry per work dimension: a ``(d, d)`` factor/basis, or an empty tensor for an
+    identity dimension). Bases may be replaced by assigning ``optimizer.state[p]["Q"][i]`` (e.g. to give
+    two implementations the same basis); ``exp_avg`` is expressed in the current basis.
+
+    Example:
+        >>> model = torch.nn.Linear(8, 4)
+        >>> opt = SOAP(model.parameters(), lr=3e-3, weight_decay=0.01)
+        >>> loss = model(torch.randn(16, 8)).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        data_format: str = "channels_first",
+        correct_bias: bool = True,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            data_format=data_format,
+            correct_bias=correct_bias,
+        )
+        _validate(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a parameter group; its hyperparameters are validated like the constructor's."""
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict, keeping the state's own dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter dtype;
+        SOAP's moments, factors and bases must stay float32 (or wider) for bf16/fp16 parameters, so they
+        are restored with their saved dtype, moved to the parameter's device.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in saved_state:
+                self.state[p] = {
+                    key: _restore(value, torch.device("cpu") if key == _STEP else p.device)
+                    for key, value in saved_state[pid].items()
+                }
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Performs one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it runs with
+                gradients enabled.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    # ----------------------------------------------------------------------------------------------
+    def _step_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in with_grad):
+            raise RuntimeError("SOAP does not support sparse gradients; use dense gradients "
+                               "(e.g. nn.Embedding(sparse=False))")
+        params, grads, layouts = [], [], []
+        for p in with_grad:
+            layout = _group_layout(p, group)
+            state = self.state[p]
+            g = _to_work(p.grad, layout).to(compute_dtype(p.dtype))
+            if _Q not in state:
+                self._init_state(state, g, layout, shampoo_beta)
+                continue
+            params.append(p)
+            grads.append(g)
+            layouts.append(layout)
+        if not params:
+            return
+
+        states = [self.state[p] for p in params]
+        exp_avgs = [s[_EXP_AVG] for s in states]
+        exp_avg_sqs = [s[_EXP_AVG_SQ] for s in states]
+        steps = [s[_STEP] for s in states]
+        torch._foreach_add_(steps, 1)
+
+        # Adam's moments on the rotated gradient G' (work shape, eigenbasis).
+        rotated = [project(g, s[_Q]) for g, s in zip(grads, states)]
+        torch._foreach_lerp_(exp_avgs, rotated, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, rotated, rotated, value=1.0 - beta2)
+        del rotated
+        # M / (sqrt(V) + eps), computed in place in one temporary per tensor.
+        ratios = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(ratios, group["eps"])
+        torch._foreach_reciprocal_(ratios)
+        torch._foreach_mul_(ratios, exp_avgs)
+
+        lr = group["lr"]
+        for p, s, ratio, layout in zip(params, states, ratios, layouts):
+            direction = _from_work(project_back(ratio, s[_Q]), layout)
+            if group["normalize_grads"]:
+                rms = torch.linalg.vector_norm(direction).div_(math.sqrt(max(direction.numel(), 1)))
+                direction = direction / rms.add_(1e-30)
+            step_size = lr
+            if group["correct_bias"]:
+                t = int(s[_STEP])
+                step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+            p.add_(direction, alpha=-step_size)
+        del ratios
+        if group["weight_decay"] > 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+
+        # Factors from the raw gradient, then (every precondition_frequency steps) the basis refresh.
+        frequency = group["precondition_frequency"]
+        for g, s in zip(grads, states):
+            update_factors(s[_GG], g, shampoo_beta)
+            if int(s[_STEP]) % frequency == 0:
+                _refresh(s)
+
+    @staticmethod
+    def _init_state(state: dict[str, Any], g: torch.Tensor, layout: SoapLayout, shampoo_beta: float) -> None:
+        """First call for a parameter: factors from ``g`` and their eigenbases; no update."""
+        empty = g.new_empty(0)
+        state[_STEP] = torch.tensor(0, dtype=torch.int64)
+        state[_EXP_AVG] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+        state[_EXP_AVG_SQ] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+        factors = [g.new_zeros(d, d) if on else empty for d, on in zip(layout.work_shape, layout.preconditioned)]
+        update_factors(factors, g, shampoo_beta)
+        state[_GG] = factors
+        state[_Q] = [eigh_descending(gg) if gg.numel() else empty for gg in factors]
+
+
+def _refresh(state: dict[str, Any]) -> None:
+    """Power iteration + QR on every factor; ``exp_avg`` follows the new basis, ``exp_avg_sq`` the sort."""
+    bases = state[_Q]
+    if not any(q.numel() for q in bases):
+        return
+    exp_avg = project_back(state[_EXP_AVG], bases)
+    exp_avg_sq = state[_EXP_AVG_SQ]
+    new_bases = []
+    for dim, (gg, q) in enumerate(zip(state[_GG], bases)):
+        if not gg.numel():
+            new_bases.append(q)
+            continue
+        q, order = refresh_basis(gg, q)
+        exp_avg_sq = exp_avg_sq.index_select(dim, order)
+        new_bases.append(q)
+    state[_Q] = new_bases
+    state[_EXP_AVG_SQ] = exp_avg_sq
+    state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
+
+
+def _restore(value: Any, device: torch.device) -> Any:
+    """A copy of saved state on ``device``, keeping its dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, copy=True)
+    if isinstance(value, list):
+        return [_restore(v, device) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_restore(v, device) for v in value)
+    return value

@@ -1,0 +1,469 @@
+"""Sophia (Sophia-G and Sophia-H) as a ``torch.optim.Optimizer``.
+
+Reference: Hong Liu, Zhiyuan Li, David Hall, Percy Liang, Tengyu Ma, "Sophia: A Scalable Stochastic
+Second-order Optimizer for Language Model Pre-training", arXiv:2305.14342 (2023).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from so_common import validation
+from torch_bridge._hessian_estimators import (
+    draw_probes,
+    gnb_hessian_diagonal,
+    hessian_vector_product,
+    hutchinson_hessian_diagonal,
+    sample_labels,
+)
+
+__all__ = ["Sophia"]
+
+_ESTIMATORS = ("gnb", "hutchinson", "manual")
+_FORMS = ("seed", "paper")
+_PROBES = ("gaussian", "rademacher")
+
+
+class Sophia(Optimizer):
+    r"""Sophia: clipped, diagonally preconditioned momentum (Liu et al. 2023, arXiv:2305.14342).
+
+    Per parameter, with gradient :math:`g_t` at step :math:`t = 1, 2, \dots`:
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        h_t = \begin{cases} \beta_2 h_{t-1} + (1 - \beta_2)\,\hat h_t & t \bmod k = 0 \\
+                            h_{t-1} & \text{otherwise} \end{cases}
+
+    with :math:`m_0 = h_0 = 0` and :math:`\hat h_t` a stochastic estimate of the Hessian diagonal
+    computed only on refresh steps (:math:`t \bmod k = 0`). Two parameterisations of the step:
+
+    * ``form='seed'`` (default; the semantics of the from-scratch seed implementation this class
+      replaces, and of its constructor):
+
+      .. math::
+          u_t = \operatorname{clip}\!\big(m_t / (h_t + \epsilon), -\rho, \rho\big), \quad
+          \theta \leftarrow \theta (1 - \mathrm{wd}), \quad \theta \leftarrow \theta - \mathrm{lr}\, u_t
+
+      GNB uses :math:`\hat h = \hat g \odot \hat g`, Hutchinson :math:`\hat h = |v \odot Hv|`.
+
+    * ``form='paper'`` (Algorithm 3 of the paper and the official SophiaG code):
+
+      .. math::
+          \theta \leftarrow \theta (1 - \mathrm{lr}\cdot\mathrm{wd}), \quad
+          u_t = \operatorname{clip}\!\big(\tilde m_t / \max(\gamma h_t, \epsilon), -1, 1\big), \quad
+          \theta \leftarrow \theta - \mathrm{lr}\, u_t
+
+      with :math:`\tilde m_t = m_t / (1 - \beta_1^t)` if ``bias_correction`` else :math:`m_t` (the
+      seed form uses :math:`\tilde m_t` the same way); GNB uses
+      :math:`\hat h = N\, \hat g \odot \hat g` (:math:`N` label positions), Hutchinson
+      :math:`\hat h = v \odot Hv`. ``rho`` is not used.
+
+    Mapping: ``Sophia(lr=a, rho=r)`` (seed form) makes the same steps as
+    ``Sophia(lr=a*r, gamma=r, form='paper')`` up to the handling of ``eps`` (added vs. a floor) and the
+    ``N`` scaling of the GNB estimate; seed ``weight_decay=w`` is paper ``weight_decay=w/lr``.
+
+    Hessian estimators (``hessian_computation_type``, per parameter group):
+
+    * ``'gnb'`` (Sophia-G, default): Gauss-Newton-Bartlett. On refresh steps pass the model's
+      ``logits`` (``(B, C)`` or ``(B, T, C)``; leading dims are flattened) and optionally
+      ``logits_mask`` (``True`` = real position, ``False`` = padding, left out of the mean). One label
+      sample :math:`\hat y \sim \mathrm{softmax}(\text{logits})` for the whole batch and one autograd
+      call for all parameters: :math:`\hat g = \nabla_\theta \operatorname{mean} \mathrm{CE}(\text{logits},
+      \hat y)`. Usage (the seed's pattern)::
+
+          loss = criterion(logits := model(x), y)
+          loss.backward(retain_graph=True)      # keep the graph for the estimate
+          optimizer.step(logits=logits)
+
+    * ``'hutchinson'`` (Sophia-H): pass a ``closure`` that returns the loss **without** calling
+      ``backward()``; the optimizer differentiates it for every parameter (``p.grad`` is neither read
+      nor written). On refresh steps the gradient is taken with ``create_graph=True`` and one double
+      backward gives :math:`Hv` for probes :math:`v` (``probe='gaussian'`` or ``'rademacher'``); on
+      other steps only the plain gradient is computed. Usage::
+
+          def closure():
+              return criterion(model(x), y)
+          loss = optimizer.step(closure=closure)
+
+      Without a closure, ``p.grad`` is used on non-refresh steps; a refresh step then raises.
+
+    * ``'manual'``: :meth:`step` never estimates; the Hessian EMA changes only through
+      :meth:`update_hessian` (the official SophiaG training loop)::
+
+          loss.backward(); optimizer.step(); optimizer.zero_grad()
+          if it % k == k - 1:
+              logits = model(x)
+              y_hat = torch.distributions.Categorical(logits=logits.detach()).sample()
+              F.cross_entropy(logits.view(-1, C), y_hat.view(-1)).backward()
+              optimizer.update_hessian(batch_size=num_positions)
+              optimizer.zero_grad()
+
+    A refresh step of ``'gnb'`` without ``logits`` or of ``'hutchinson'`` without ``closure`` raises a
+    ``ValueError`` naming the missing argument. The optimizer never keeps ``logits`` or any graph: the
+    GNB backward releases the graph behind ``logits``.
+
+    Args:
+      params: iterable of parameters or parameter groups.
+      lr: learning rate (default ``1e-3``).
+      betas: ``(beta1, beta2)``, EMA coefficients of the gradient and of the Hessian estimate.
+      rho: clipping threshold of the seed form (default ``0.03``).
+      weight_decay: decoupled weight decay; seed form ``p *= 1 - wd``, paper form ``p *= 1 - lr*wd``.
+      k: the Hessian estimate is refreshed at steps ``t`` with ``t % k == 0`` (default ``10``).
+      hessian_computation_type: ``'gnb'``, ``'hutchinson'`` or ``'manual'``.
+      eps: added to ``h`` (seed form) or lower bound of ``gamma*h`` (paper form, must be ``> 0``).
+      form: ``'seed'`` or ``'paper'`` (keyword-only).
+      gamma: the paper's scale of ``h`` (keyword-only, paper form only, default ``0.01``).
+      bias_correction: divide ``m`` by ``1 - beta1**t`` in the ratio (keyword-only, both forms).
+      probe: Hutchinson probe distribution, ``'gaussian'`` (seed) or ``'rademacher'`` (keyword-only).
+
+    State per parameter: ``'step'`` (0-d int64 tensor), ``'momentum_buffer'`` (:math:`m`) and
+    ``'hessian_buffer'`` (:math:`h`), the seed's names, so seed checkpoints load.
+
+    Diagnostics: :attr:`win_rate`, the fraction of coordinates whose update was not clipped in the
+    latest :meth:`step`.
+
+    Randomness hooks (override in a subclass to inject labels / probes, e.g. for cross-framework
+    parity tests): :meth:`_sample_labels` and :meth:`_draw_probes`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        rho: float = 0.03,
+        weight_decay: float = 0.0,
+        k: int = 10,
+        hessian_computation_type: str = "gnb",
+        eps: float = 1e-12,
+        *,
+        form: str = "seed",
+        gamma: float = 0.01,
+        bias_correction: bool = False,
+        probe: str = "gaussian",
+    ):
+        _check_hyperparameters(
+            lr=lr,
+            betas=betas,
+            rho=rho,
+            weight_decay=weight_decay,
+            k=k,
+            hessian_computation_type=hessian_computation_type,
+            eps=eps,
+            form=form,
+            gamma=gamma,
+            bias_correction=bias_correction,
+            probe=probe,
+        )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            rho=rho,
+            weight_decay=weight_decay,
+            k=k,
+            hessian_computation_type=hessian_computation_type,
+            eps=eps,
+            form=form,
+            gamma=gamma,
+            bias_correction=bias_correction,
+            probe=probe,
+        )
+        super().__init__(params, defaults)
+        self._win_counts: list[torch.Tensor] = []
+        self._win_total = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a parameter group after checking its hyperparameters (named in the ``ValueError``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(**{name: group[name] for name in self.defaults})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("form", "seed")
+            group.setdefault("gamma", 0.01)
+            group.setdefault("bias_correction", False)
+            group.setdefault("probe", "gaussian")
+            group.setdefault("hessian_computation_type", "gnb")
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "step" in st and not torch.is_tensor(st["step"]):  # seed checkpoints: int step
+                    st["step"] = torch.tensor(int(st["step"]), dtype=torch.int64)
+        if not hasattr(self, "_win_counts"):
+            self._win_counts, self._win_total = [], 0
+
+    # ------------------------------------------------------------------ hooks for injected randomness
+    def _sample_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Returns labels ``ŷ ~ softmax(logits)`` of shape ``logits.shape[:-1]`` (one sample per step).
+
+        Override to inject labels (parity tests). ``logits`` is passed detached, with the shape the user
+        gave (``(B, C)`` or ``(B, T, C)``).
+        """
+        return sample_labels(logits)
+
+    def _draw_probes(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Returns Hutchinson probes, one per parameter in ``params`` (override to inject probes).
+
+        ``params`` holds exactly the parameters refreshed this step, in parameter-group order.
+        """
+        distribution = {id(p): g["probe"] for g in self.param_groups for p in g["params"]}
+        return [draw_probes([p], distribution[id(p)])[0] for p in params]
+
+    # ------------------------------------------------------------------ diagnostics
+    @property
+    def win_rate(self) -> Optional[float]:
+        """Fraction of coordinates whose update was NOT clipped in the latest step (``None`` before)."""
+        if self._win_total == 0:
+            return None
+        return float(torch.stack([c.to(torch.float64).cpu() for c in self._win_counts]).sum()) / float(
+            self._win_total
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _next_step_refreshes(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        state = self.state.get(p)
+        step = int(state["step"]) if state else 0
+        return (step + 1) % group["k"] == 0
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Optional[Callable[[], torch.Tensor]] = None,
+        logits: Optional[torch.Tensor] = None,
+        *,
+        logits_mask: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """Performs one Sophia step.
+
+        Args:
+          closure: for ``'hutchinson'`` groups, a callable returning the loss without calling
+            ``backward()`` (the optimizer differentiates it for all parameters). If no group uses
+            ``'hutchinson'`` the closure follows the torch convention (it computes the loss and calls
+            ``backward()`` itself) and ``p.grad`` is used.
+          logits: model output with its graph; required on refresh steps of ``'gnb'`` groups.
+          logits_mask: optional ``logits.shape[:-1]`` mask, ``True`` at real positions, ``False`` at
+            padding positions (excluded from the GNB loss and from ``N``).
+
+        Returns:
+          The closure's loss, or ``None`` without a closure.
+        """
+        loss = None
+        groups = self.param_groups
+        hutch_groups = [g for g in groups if g["hessian_computation_type"] == "hutchinson"]
+        closure_grads: Optional[dict[torch.Tensor, torch.Tensor]] = None
+        estimates: dict[torch.Tensor, torch.Tensor] = {}
+
+        # --- gradients (and the Hutchinson estimate) from a loss-returning closure
+        if closure is not None and any(p.requires_grad for g in hutch_groups for p in g["params"]):
+            loss, closure_grads, estimates = self._closure_gradients(closure, hutch_groups)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+            if closure_grads is not None:
+                return closure_grads.get(p)
+            return p.grad
+
+        # --- refresh bookkeeping: which parameters need a new estimate now
+        gnb_refresh: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        for group in groups:
+            kind = group["hessian_computation_type"]
+            for p in group["params"]:
+                if grad_of(p) is None or not self._next_step_refreshes(p, group):
+                    continue
+                if kind == "gnb":
+                    gnb_refresh.append((p, group))
+                elif kind == "hutchinson" and p not in estimates:
+                    raise ValueError(
+                        "Sophia (hutchinson): this step refreshes the Hessian estimate and needs "
+                        "`closure`, a callable returning the loss (without calling backward()); "
+                        "call optimizer.step(closure=closure)"
+                    )
+        if gnb_refresh:
+            estimates.update(self._gnb_estimates(logits, logits_mask, gnb_refresh))
+
+        # --- the update
+        self._win_counts, self._win_total = [], 0
+        for group in groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            paper = group["form"] == "paper"
+            for p in group["params"]:
+                grad = grad_of(p)
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("Sophia does not support sparse gradients")
+                state = self._init_state(p)
+                state["step"] += 1
+                step = int(state["step"])
+                m, h = state["momentum_buffer"], state["hessian_buffer"]
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                est = estimates.get(p)
+                if est is not None:
+                    h.mul_(beta2).add_(est, alpha=1.0 - beta2)
+                numer = m / (1.0 - beta1**step) if group["bias_correction"] else m
+                if paper:
+                    bound = 1.0
+                    ratio = numer / (h * group["gamma"]).clamp_(min=eps)
+                    if wd != 0:
+                        p.mul_(1.0 - lr * wd)
+                else:
+                    bound = group["rho"]
+                    ratio = numer / (h + eps)
+                    if wd > 0:
+                        p.mul_(1.0 - wd)
+                self._win_counts.append((ratio.abs() < bound).sum())
+                self._win_total += ratio.numel()
+                p.add_(ratio.clamp_(min=-bound, max=bound), alpha=-lr)
+        return loss
+
+    def _gnb_estimates(
+        self,
+        logits: Optional[torch.Tensor],
+        logits_mask: Optional[torch.Tensor],
+        refresh: list[tuple[torch.Tensor, dict[str, Any]]],
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """One label sample and one backward for all refreshed 'gnb' parameters."""
+        if logits is None:
+            raise ValueError(
+                "Sophia (gnb): this step refreshes the Hessian estimate and needs `logits`: call "
+                "loss.backward(retain_graph=True) then optimizer.step(logits=logits)"
+            )
+        if not torch.is_tensor(logits) or logits.dim() < 1:
+            raise ValueError("Invalid logits: expected a (..., num_classes) tensor")
+        labels = self._sample_labels(logits.detach())
+        if tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"Invalid labels from _sample_labels: shape {tuple(labels.shape)}, expected "
+                f"logits.shape[:-1] = {tuple(logits.shape[:-1])}"
+            )
+        params = [p for p, _ in refresh]
+        diag = gnb_hessian_diagonal(logits, params, labels, logits_mask)
+        estimates = {}
+        num_positions = None
+        for (p, group), est in zip(refresh, diag):
+            if group["form"] == "paper":  # the paper's B * g_hat^2
+                if num_positions is None:
+                    num_positions = _num_positions(logits, logits_mask)
+                est.mul_(num_positions)
+            estimates[p] = est
+        return estimates
+
+    def _closure_gradients(
+        self, closure: Callable[[], torch.Tensor], hutch_groups: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+        """Evaluates a loss-returning closure; returns (loss, grads, Hutchinson estimates)."""
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        refresh_group = {
+            p: g
+            for g in hutch_groups
+            for p in g["params"]
+            if p.requires_grad and self._next_step_refreshes(p, g)
+        }
+        refresh = list(refresh_group)
+        with torch.enable_grad():
+            loss = closure()
+            if not torch.is_tensor(loss) or not loss.requires_grad:
+                raise ValueError(
+                    "Invalid closure: for 'hutchinson' it must return the loss as a tensor with its "
+                    "autograd graph (computed with grad enabled, backward() not called)"
+                )
+            try:
+                grads = torch.autograd.grad(loss, params, create_graph=bool(refresh), allow_unused=True)
+            except RuntimeError as err:
+                if "second time" in str(err) or "already been freed" in str(err):
+                    raise RuntimeError(
+                        "Sophia (hutchinson): the closure's graph was already freed; the closure must "
+                        "return the loss without calling backward()"
+                    ) from err
+                raise
+            grad_map = {p: g for p, g in zip(params, grads) if g is not None}
+            estimates: dict[torch.Tensor, torch.Tensor] = {}
+            refresh = [p for p in refresh if p in grad_map]
+            if refresh:
+                probes = self._draw_probes(refresh)
+                if len(probes) != len(refresh):
+                    raise ValueError(f"_draw_probes returned {len(probes)} probes for {len(refresh)} params")
+                hvps = hessian_vector_product(None, refresh, probes, grads=[grad_map[p] for p in refresh])
+                for p, v, hv in zip(refresh, probes, hvps):
+                    absolute = refresh_group[p]["form"] == "seed"  # the seed takes |v * Hv|
+                    estimates[p] = hutchinson_hessian_diagonal([v], [hv], absolute=absolute)[0]
+        grad_map = {p: g.detach() for p, g in grad_map.items()}
+        return loss.detach(), grad_map, estimates
+
+    @torch.no_grad()
+    def update_hessian(self, batch_size: Optional[float] = None) -> None:
+        r"""Folds the Gauss-Newton-Bartlett estimate from ``p.grad`` into the Hessian EMA.
+
+        The official SophiaG pattern: after ``loss_of_sampled_labels.backward()`` (labels sampled from
+        the model's own softmax), call ``update_hessian()``; for every parameter with a gradient
+        :math:`\hat g`:
+
+        .. math:: h \leftarrow \beta_2 h + (1 - \beta_2)\, B\, \hat g \odot \hat g
+
+        with :math:`B` = ``batch_size`` (the number of label positions averaged over; pass it for the
+        paper's form) or 1 by default (the seed's form). The step counter does not advance. Use
+        ``hessian_computation_type='manual'`` so that :meth:`step` does not also refresh.
+        """
+        scale = 1.0
+        if batch_size is not None:
+            validation.check_positive("batch_size", batch_size)
+            scale = float(batch_size)
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                state["hessian_buffer"].mul_(beta2).addcmul_(p.grad, p.grad, value=(1.0 - beta2) * scale)
+
+
+def _num_positions(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor | float:
+    if mask is None:
+        return float(logits.reshape(-1, logits.shape[-1]).shape[0])
+    return mask.to(torch.bool).sum().to(logits.dtype)
+
+
+def _check_hyperparameters(
+    *,
+    lr: Any,
+    betas: Any,
+    rho: Any,
+    weight_decay: Any,
+    k: Any,
+    hessian_computation_type: Any,
+    eps: Any,
+    form: Any,
+    gamma: Any,
+    bias_correction: Any,
+    probe: Any,
+) -> None:
+    validation.check_nonnegative("lr", lr)
+    validation.check_betas("betas", betas)
+    validation.check_nonnegative("rho", rho)
+    validation.check_nonnegative("weight_decay", weight_decay)
+    validation.check_positive_int("k", k)
+    validation.check_choice("hessian_computation_type", hessian_computation_type, _ESTIMATORS)
+    validation.check_nonnegative("eps", eps)
+    validation.check_choice("form", form, _FORMS)
+    validation.check_positive("gamma", gamma)
+    validation.check_bool("bias_correction", bias_correction)
+    validation.check_choice("probe", probe, _PROBES)
+    if form == "paper":
+        validation.check_positive("eps", eps)
