@@ -28,8 +28,16 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def _mode_product(x: jax.Array, mat: jax.Array, axis: int, contract_rows: bool) -> jax.Array:
-    """Multiplies ``x`` along ``axis`` by ``matᵀ`` (``contract_rows``) or by ``mat``."""
-    y = jnp.tensordot(x, mat, axes=((axis,), (0 if contract_rows else 1,)))
+    """Multiplies ``x`` along ``axis`` by ``matᵀ`` (``contract_rows``) or by ``mat``.
+
+    The first and last axes are contracted so that the result comes out in place (no transpose).
+    """
+    mat_axis = 0 if contract_rows else 1
+    if axis == x.ndim - 1:
+        return jnp.tensordot(x, mat, axes=((axis,), (mat_axis,)))
+    if axis == 0:
+        return jnp.tensordot(mat, x, axes=((mat_axis,), (0,)))
+    y = jnp.tensordot(x, mat, axes=((axis,), (mat_axis,)))
     return jnp.moveaxis(y, -1, axis)
 
 
@@ -94,3 +102,21 @@ def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Ar
     q_new, _ = jnp.linalg.qr(p[:, order])
     sorted_old = basis[:, order]
     return jnp.where(_all_finite(q_new), q_new, sorted_old), order
+
+
+# Batched forms. XLA:CPU runs jaxlib's batched LAPACK kernels (eigh, QR) by fanning the batch out
+# over the intra-op thread pool and blocking a pool thread until it is done; two such calls in
+# flight at once (e.g. inside lax.cond, on a 2-core machine) can deadlock. The batched helpers
+# below therefore issue one unbatched decomposition per matrix (the matmuls around them stay
+# batched where it matters); on accelerators the cost is the same number of solver launches.
+
+
+def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array) -> jax.Array:
+    """:func:`eigh_descending` over a leading batch axis (one decomposition per matrix)."""
+    return jnp.stack([eigh_descending(mats[b], fallbacks[b]) for b in range(mats.shape[0])])
+
+
+def stacked_power_iteration_refresh(factors: jax.Array, bases: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`power_iteration_refresh` over a leading batch axis: ``(new_bases, orders)``."""
+    outs = [power_iteration_refresh(factors[b], bases[b]) for b in range(factors.shape[0])]
+    return jnp.stack([q for q, _ in outs]), jnp.stack([o for _, o in outs])

@@ -60,6 +60,12 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 SOAP_STATIC_ARGS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format")
 
 
+# Leaves are stacked with their same-layout peers only if all their factors are at most this size
+# and they have at most this many elements (small tensors: batching saves per-op overhead).
+_STACK_MAX_DIM = 128
+_STACK_MAX_SIZE = 1 << 16
+
+
 class ScaleBySoapState(NamedTuple):
     """State of :func:`scale_by_soap` and :func:`soap`.
 
@@ -140,31 +146,28 @@ def _from_work(x: jax.Array, layout: SoapLayout) -> jax.Array:
     return x
 
 
-def _vmap_over_leading(fn):
-    """``jax.vmap`` over axis 0 of every argument (``None`` entries of tuples pass through)."""
-    return jax.vmap(fn)
-
-
 def _init_bases(factors, bases):
-    """First call: eigenbases of the factors (descending), identity-basis dims stay ``None``."""
-    return tuple(
-        None if f is None else jax.vmap(_linalg.eigh_descending)(f, q) for f, q in zip(factors, bases)
-    )
+    """First call: eigenbases of the stacked factors (descending); identity dims stay ``None``."""
+    return tuple(None if f is None else _linalg.stacked_eigh_descending(f, q) for f, q in zip(factors, bases))
 
 
-def _refresh_one(factors, bases, exp_avg, exp_avg_sq):
-    """Refresh of one tensor: power iteration + QR per factor, permute ``v``, rotate ``m``."""
-    exp_avg = _linalg.project_back(exp_avg, bases)
+def _refresh(factors, bases, exp_avg, exp_avg_sq):
+    """Refresh of a stack of tensors: power iteration + QR per factor, permute ``v``, rotate ``m``.
+
+    ``exp_avg`` is taken back to the original coordinates with the old bases and projected onto the
+    new ones; ``exp_avg_sq`` is permuted along each axis with the order of the refreshed basis.
+    """
+    exp_avg = jax.vmap(_linalg.project_back)(exp_avg, bases)
     new_bases = []
     for axis, (f, q) in enumerate(zip(factors, bases)):
         if q is None:
             new_bases.append(None)
             continue
-        q, order = _linalg.power_iteration_refresh(f, q)
-        exp_avg_sq = jnp.take(exp_avg_sq, order, axis=axis)
+        q, order = _linalg.stacked_power_iteration_refresh(f, q)
+        exp_avg_sq = jax.vmap(lambda x, o, a=axis: jnp.take(x, o, axis=a))(exp_avg_sq, order)
         new_bases.append(q)
     new_bases = tuple(new_bases)
-    return new_bases, _linalg.project(exp_avg, new_bases), exp_avg_sq
+    return new_bases, jax.vmap(_linalg.project)(exp_avg, new_bases), exp_avg_sq
 
 
 def _soap_transform(
@@ -254,9 +257,13 @@ def _soap_transform(
 
         # Group the leaves whose per-tensor math is identical, so that each group is one batched
         # (vmapped) computation: same work shape, same preconditioned dims, same compute dtype.
+        # Large tensors are not stacked: their matmuls are big enough on their own and stacking
+        # would copy their factors, bases and moments on every step.
         group_of: dict = {}
         for k, (layout, m) in enumerate(zip(layouts, exp_avg)):
             key = (layout.work_shape, layout.preconditioned, jnp.dtype(m.dtype))
+            if max(layout.factor_dims, default=0) > _STACK_MAX_DIM or m.size > _STACK_MAX_SIZE:
+                key = key + (k,)
             group_of.setdefault(key, []).append(k)
         groups = list(group_of.items())
 
@@ -264,7 +271,7 @@ def _soap_transform(
             return jnp.asarray(x).astype(dtype)
 
         stacked = []
-        for (_, precond, dtype), members in groups:
+        for (_, precond, dtype, *_), members in groups:
             sb_raw = shampoo_beta
             if isinstance(sb_raw, numbers.Real):
                 sb = cast(sb_raw if sb_raw >= 0 else b2, dtype)
@@ -303,7 +310,7 @@ def _soap_transform(
                 if all(q is None for q in o["bases"]):
                     out.append(dict(m=o["m"], v=o["v"], bases=o["bases"]))
                     continue
-                new_bases, m, v = jax.vmap(_refresh_one)(o["factors"], o["bases"], o["m"], o["v"])
+                new_bases, m, v = _refresh(o["factors"], o["bases"], o["m"], o["v"])
                 out.append(dict(m=m, v=v, bases=new_bases))
             return out
 
@@ -336,7 +343,7 @@ def _soap_transform(
         lr_now = None
         if learning_rate is not None and not static_zero_decay:
             lr_now = learning_rate(count) if callable(learning_rate) else learning_rate
-        for ((_, precond, dtype), members), ops, res in zip(groups, stacked, results):
+        for ((_, precond, dtype, *_), members), ops, res in zip(groups, stacked, results):
             tf = t.astype(dtype)
             if correct_bias:
                 scale = jnp.sqrt(1 - jnp.power(cast(b2, dtype), tf)) / (1 - jnp.power(cast(b1, dtype), tf))

@@ -1,0 +1,59 @@
+"""Smoke test of the benchmark harness (benchmarks/bench_step.py): it runs end to end and writes its
+report. No timing assertions; the timed figures come from a full run on a quiet machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks" / "bench_step.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_soap_flop_formula():
+    b = _bench_module()
+    m, n = 256, 768
+    f = b.soap_flops([(m, n), (n,)], precondition_frequency=10)
+    assert f["step_flops"] == 6 * m * n * (m + n)  # 1-D parameters are not preconditioned
+    assert f["refresh_flops"] == pytest.approx((2 + 8 / 3) * (m**3 + n**3) + 4 * m * n * (m + n))
+    assert f["amortized_flops"] == pytest.approx(f["step_flops"] + f["refresh_flops"] / 10)
+    assert b.mix_flops(b.soap_matmul_mix([(m, n), (n,)])) == f["step_flops"]
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "bench" / "shapes.py").is_file(), reason="no shared workload")
+def test_shared_workload_matches_the_benchmark_gpt():
+    wl = _bench_module().make_workload("gpt")
+    assert wl["model_ok"] and len(wl["shapes"]) == len(_bench_module().gpt_shapes(**wl["cfg"]))
+
+
+def test_harness_runs_quick(tmp_path):
+    cmd = [sys.executable, str(BENCH), "--quick", "--workload", "tiny", "--steps", "2", "--batch", "1",
+           "--threads", "1", "--filter", "adamw,grad eval", "--name", "smoke", "--out-dir", str(tmp_path)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    md = (tmp_path / "smoke.md").read_text()
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    for heading in ("## SOAP", "## Sophia", "## Training step", "## Targets"):
+        assert heading in md
+    assert data["soap"]["rates"]["jax"]["rate_gflops"] > 0 and data["soap"]["rates"]["torch"]["rate_gflops"] > 0
+    ok = {(e["name"], e["framework"]) for sec in data["results"].values() for e in sec if e["status"] == "ok"}
+    assert {("optax.adamw (jit)", "jax"), ("torch.optim.AdamW", "torch"), ("grad eval (backward)", "torch"),
+            ("grad eval (value_and_grad)", "jax"), ("optax.adamw", "jax")} <= ok
+    for sec in data["results"].values():
+        for e in sec:
+            if e["status"] == "ok":
+                assert e["median_ms"] > 0 and e["n"] >= 10 and e["n"] % e["cycle"] == 0
