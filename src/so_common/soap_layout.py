@@ -101,3 +101,52 @@ def soap_layout(
         work_shape = merged_shape(permuted, max_precond_dim)
     assert math.prod(work_shape) == math.prod(shape)
     return SoapLayout(shape, permutation, work_shape, tuple(d <= max_precond_dim for d in work_shape))
+
+
+def check_soap_options(
+    *,
+    betas,
+    shampoo_beta,
+    eps,
+    weight_decay,
+    precondition_frequency,
+    max_precond_dim,
+    merge_dims,
+    precondition_1d,
+    normalize_grads,
+    data_format,
+    correct_bias,
+    traced=lambda value: False,
+) -> None:
+    """Checks SOAP's options (the seed's names), raising a ``ValueError`` that names the bad one.
+
+    ``traced(value)`` tells which values are framework arrays (a JAX tracer under
+    ``optax.inject_hyperparams``): those numeric options are left unchecked, except
+    ``max_precond_dim``, which decides shapes and so must be a Python int.
+    """
+    from so_common import validation
+
+    validation.check_betas("betas", betas)
+    if not traced(shampoo_beta):
+        if not validation.is_number(shampoo_beta):
+            raise ValueError(f"Invalid shampoo_beta: {shampoo_beta!r} (must be a number; < 0 means betas[1])")
+        if shampoo_beta >= 0:
+            validation.check_beta("shampoo_beta", shampoo_beta)
+    validation.check_nonnegative("eps", eps)
+    validation.check_nonnegative("weight_decay", weight_decay)
+    if not traced(precondition_frequency):
+        validation.check_positive_int("precondition_frequency", precondition_frequency)
+    if traced(max_precond_dim):
+        raise ValueError(
+            "Invalid max_precond_dim: it must be a static Python int (under optax.inject_hyperparams "
+            "pass static_args=so_optax.SOAP_STATIC_ARGS)"
+        )
+    validation.check_positive_int("max_precond_dim", max_precond_dim)
+    for name, value in (
+        ("merge_dims", merge_dims),
+        ("precondition_1d", precondition_1d),
+        ("normalize_grads", normalize_grads),
+        ("correct_bias", correct_bias),
+    ):
+        validation.check_bool(name, value)
+    validation.check_choice("data_format", data_format, DATA_FORMATS)

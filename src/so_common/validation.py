@@ -10,25 +10,25 @@ import numbers
 from typing import Any, Sequence
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_nonnegative(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless ``value >= 0`` (and finite)."""
-    if _is_number(value) and not (0.0 <= value < float("inf")):
+    if is_number(value) and not (0.0 <= value < float("inf")):
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
 
 
 def check_positive(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless ``value > 0`` (and finite)."""
-    if _is_number(value) and not (0.0 < value < float("inf")):
+    if is_number(value) and not (0.0 < value < float("inf")):
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
 
 
 def check_beta(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless ``0 <= value < 1``."""
-    if _is_number(value) and not (0.0 <= value < 1.0):
+    if is_number(value) and not (0.0 <= value < 1.0):
         raise ValueError(f"Invalid {name}: {value!r} (must satisfy 0 <= {name} < 1)")
 
 

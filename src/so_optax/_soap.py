@@ -41,15 +41,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from so_common.soap_layout import DATA_FORMATS, SoapLayout, soap_layout
-from so_common.validation import (
-    check_beta,
-    check_betas,
-    check_bool,
-    check_choice,
-    check_nonnegative,
-    check_positive_int,
-)
+from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
+from so_common.validation import check_nonnegative
 from so_optax import _linalg
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -96,39 +89,8 @@ def _is_traced(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
 
 
-def _validate(
-    betas,
-    shampoo_beta,
-    eps,
-    weight_decay,
-    precondition_frequency,
-    max_precond_dim,
-    merge_dims,
-    precondition_1d,
-    normalize_grads,
-    data_format,
-    correct_bias,
-    learning_rate,
-) -> None:
-    check_betas("betas", betas)
-    if isinstance(shampoo_beta, numbers.Real) and not isinstance(shampoo_beta, bool):
-        if shampoo_beta >= 0:  # negative means "use betas[1]"
-            check_beta("shampoo_beta", shampoo_beta)
-    check_nonnegative("eps", eps)
-    check_nonnegative("weight_decay", weight_decay)
-    if not _is_traced(precondition_frequency):
-        check_positive_int("precondition_frequency", precondition_frequency)
-    if _is_traced(max_precond_dim):
-        raise ValueError(
-            "Invalid max_precond_dim: it must be a static Python int (under optax.inject_hyperparams "
-            "pass static_args=so_optax.SOAP_STATIC_ARGS)"
-        )
-    check_positive_int("max_precond_dim", max_precond_dim)
-    check_bool("merge_dims", merge_dims)
-    check_bool("precondition_1d", precondition_1d)
-    check_bool("normalize_grads", normalize_grads)
-    check_choice("data_format", data_format, DATA_FORMATS)
-    check_bool("correct_bias", correct_bias)
+def _validate(learning_rate, **options) -> None:
+    check_soap_options(traced=_is_traced, **options)
     if learning_rate is not None and not callable(learning_rate):
         check_nonnegative("learning_rate", learning_rate)
 
@@ -185,18 +147,18 @@ def _soap_transform(
     learning_rate,
 ) -> optax.GradientTransformation:
     _validate(
-        betas,
-        shampoo_beta,
-        eps,
-        weight_decay,
-        precondition_frequency,
-        max_precond_dim,
-        merge_dims,
-        precondition_1d,
-        normalize_grads,
-        data_format,
-        correct_bias,
         learning_rate,
+        betas=betas,
+        shampoo_beta=shampoo_beta,
+        eps=eps,
+        weight_decay=weight_decay,
+        precondition_frequency=precondition_frequency,
+        max_precond_dim=max_precond_dim,
+        merge_dims=merge_dims,
+        precondition_1d=precondition_1d,
+        normalize_grads=normalize_grads,
+        data_format=data_format,
+        correct_bias=correct_bias,
     )
     b1, b2 = betas
     static_zero_decay = isinstance(weight_decay, numbers.Real) and weight_decay == 0

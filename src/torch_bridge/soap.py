@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch.optim import Optimizer
 
-from so_common.soap_layout import DATA_FORMATS, SoapLayout, soap_layout
+from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common import validation
 
 from ._linalg import (
@@ -48,19 +48,7 @@ _DEFAULTS: dict[str, Any] = {
 def _validate(options: dict[str, Any]) -> None:
     """Raises ``ValueError`` naming the first invalid hyperparameter in ``options``."""
     validation.check_nonnegative("lr", options["lr"])
-    validation.check_betas("betas", options["betas"])
-    shampoo_beta = options["shampoo_beta"]
-    if not validation._is_number(shampoo_beta):
-        raise ValueError(f"Invalid shampoo_beta: {shampoo_beta!r} (must be a number; < 0 means betas[1])")
-    if shampoo_beta >= 0:
-        validation.check_beta("shampoo_beta", shampoo_beta)
-    validation.check_nonnegative("eps", options["eps"])
-    validation.check_nonnegative("weight_decay", options["weight_decay"])
-    validation.check_positive_int("precondition_frequency", options["precondition_frequency"])
-    validation.check_positive_int("max_precond_dim", options["max_precond_dim"])
-    for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
-        validation.check_bool(name, options[name])
-    validation.check_choice("data_format", options["data_format"], DATA_FORMATS)
+    check_soap_options(**{name: options[name] for name in _DEFAULTS if name != "lr"})
 
 
 @functools.lru_cache(maxsize=1024)
