@@ -68,6 +68,47 @@ def _state_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# Leaves below this many elements are concatenated before counting (one reduction instead of one
+# per small leaf: on CPU each reduction has a fixed cost); float32 sums of 0/1 are exact below 2**24.
+_SMALL_LEAF = 1 << 16
+_EXACT_F32 = 1 << 24
+
+
+def _count_below(leaves, threshold) -> jax.Array:
+    """float32 number of entries with ``|r| < threshold`` over all ``leaves`` (exact per leaf).
+
+    Counts in float32 (a 0/1 float sum fuses with the comparison, an int32 sum of a boolean does
+    not on CPU), exact because every partial sum is an integer below 2**24; larger leaves are counted
+    in int32 as before.
+    """
+
+    def indicator(r):
+        return jnp.where(jnp.abs(r) < threshold, 1.0, 0.0).astype(jnp.float32)
+
+    counts = []
+    group, group_size = [], 0
+
+    def flush():
+        if group:
+            flat = group[0] if len(group) == 1 else jnp.concatenate(group)
+            counts.append(jnp.sum(flat))
+
+    for r in leaves:
+        n = int(np.prod(np.shape(r)))
+        if n >= _EXACT_F32:
+            counts.append(jnp.sum(jnp.abs(r) < threshold).astype(jnp.float32))
+        elif n >= _SMALL_LEAF:
+            counts.append(jnp.sum(indicator(r)))
+        else:
+            if group_size + n >= _EXACT_F32:
+                flush()
+                group, group_size = [], 0
+            group.append(jnp.ravel(indicator(r)))
+            group_size += n
+    flush()
+    return sum(counts, jnp.zeros([], jnp.float32))
+
+
 def _make_estimator(estimator, form: str, seed) -> optax.GradientTransformationExtraArgs:
     if isinstance(estimator, str):
         validation.check_choice("estimator", estimator, _ESTIMATORS)
@@ -272,10 +313,7 @@ def sophia(
 
         leaves = jax.tree.leaves(ratio)
         size = sum(int(np.prod(np.shape(r))) for r in leaves)
-        not_clipped = sum(
-            (jnp.sum(jnp.abs(r) < threshold).astype(jnp.float32) for r in leaves),
-            jnp.zeros([], jnp.float32),
-        )
+        not_clipped = _count_below(leaves, threshold)
         win_rate = not_clipped / max(size, 1) if size else jnp.ones([], jnp.float32)
         direction = jax.tree.map(lambda r: jnp.clip(r, -threshold, threshold), ratio)
 

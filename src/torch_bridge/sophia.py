@@ -175,6 +175,7 @@ class Sophia(Optimizer):
         super().__init__(params, defaults)
         self._win_counts: list[torch.Tensor] = []
         self._win_total = 0
+        self._win_record: Optional[list[tuple]] = None  # pending win-rate inputs of the latest step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group after checking its hyperparameters (named in the ``ValueError``)."""
@@ -196,6 +197,12 @@ class Sophia(Optimizer):
                     st["step"] = torch.tensor(int(st["step"]), dtype=torch.int64)
         if not hasattr(self, "_win_counts"):
             self._win_counts, self._win_total = [], 0
+        if not hasattr(self, "_win_record"):
+            self._win_record = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._materialize_win_rate()  # the latest step's win rate refers to the buffers replaced here
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ hooks for injected randomness
     def _sample_labels(self, logits: torch.Tensor) -> torch.Tensor:
@@ -218,11 +225,44 @@ class Sophia(Optimizer):
     @property
     def win_rate(self) -> Optional[float]:
         """Fraction of coordinates whose update was NOT clipped in the latest step (``None`` before)."""
+        self._materialize_win_rate()
         if self._win_total == 0:
             return None
         return float(torch.stack([c.to(torch.float64).cpu() for c in self._win_counts]).sum()) / float(
             self._win_total
         )
+
+    def _scratch(self, like: torch.Tensor, slot: int) -> torch.Tensor:
+        """A reused work buffer shaped like ``like`` (one per dtype/device/slot, grown to the largest
+        parameter; not part of the optimizer state)."""
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.dtype, like.device, slot)
+        buf = cache.get(key)
+        n = like.numel()
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            cache[key] = buf
+        return buf[:n].view(like.shape)
+
+    def _materialize_win_rate(self) -> None:
+        """Evaluates the pending win-rate record of the latest step (same arithmetic as the step)."""
+        record = getattr(self, "_win_record", None)
+        if record is None:
+            return
+        self._win_record = None
+        counts: list[torch.Tensor] = []
+        total = 0
+        with torch.no_grad():
+            for ms, hs, corrections, paper, bound, eps, gamma in record:
+                for i, (m, h) in enumerate(zip(ms, hs)):
+                    numer = m / corrections[i] if corrections is not None else m
+                    if paper:
+                        ratio = numer / (h * gamma).clamp_(min=eps)
+                    else:
+                        ratio = numer / (h + eps)
+                    counts.append((ratio.abs() < bound).sum())
+                    total += ratio.numel()
+        self._win_counts, self._win_total = counts, total
 
     # ------------------------------------------------------------------ internals
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -297,41 +337,108 @@ class Sophia(Optimizer):
         if gnb_refresh:
             estimates.update(self._gnb_estimates(logits, logits_mask, gnb_refresh))
 
-        # --- the update
-        self._win_counts, self._win_total = [], 0
+        # --- the update: foreach (multi-tensor) ops over each group's parameters
+        self._win_record = []
         for group in groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            paper = group["form"] == "paper"
-            for p in group["params"]:
-                grad = grad_of(p)
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("Sophia does not support sparse gradients")
-                state = self._init_state(p)
-                state["step"] += 1
-                step = int(state["step"])
-                m, h = state["momentum_buffer"], state["hessian_buffer"]
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                est = estimates.get(p)
+            self._update_group(group, grad_of, estimates)
+        return loss
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        grad_of: Callable[[torch.Tensor], Optional[torch.Tensor]],
+        estimates: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """One Sophia step for every parameter of ``group`` with a gradient (multi-tensor ops).
+
+        Per parameter this is exactly ``m.mul_(b1).add_(g, alpha=1-b1)``;
+        ``h.mul_(b2).add_(est, alpha=1-b2)`` on refresh; ``ratio = m̃ / (h + eps)`` (seed) or
+        ``m̃ / (gamma*h).clamp(min=eps)`` (paper); weight decay; ``p.add_(ratio.clamp(-b, b), alpha=-lr)``,
+        On CPU one tensor at a time through a reused scratch buffer (in-place ops, no per-step
+        allocations); elsewhere ``torch._foreach_*`` over the group (one launch per stage).
+        """
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        paper = group["form"] == "paper"
+        params, grads, ms, hs, steps = [], [], [], [], []
+        h_refresh, est_refresh = [], []
+        for p in group["params"]:
+            grad = grad_of(p)
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("Sophia does not support sparse gradients")
+            state = self._init_state(p)
+            params.append(p)
+            grads.append(grad)
+            ms.append(state["momentum_buffer"])
+            hs.append(state["hessian_buffer"])
+            steps.append(state["step"])
+            est = estimates.get(p)
+            if est is not None:
+                h_refresh.append(state["hessian_buffer"])
+                est_refresh.append(est)
+        if not params:
+            return
+        torch._foreach_add_(steps, 1)  # 0-d CPU int64 counters (no device sync)
+        corrections = None
+        if group["bias_correction"]:
+            corrections = [1.0 - beta1 ** int(t) for t in steps]
+        bound = 1.0 if paper else group["rho"]
+        gamma = group["gamma"]
+        decay = (1.0 - lr * wd) if paper else (1.0 - wd)
+        apply_decay = (wd != 0) if paper else (wd > 0)
+        if all(p.device.type == "cpu" for p in params):
+            # CPU: one tensor at a time through a reused scratch buffer (no per-step allocations,
+            # which page-fault, and the tensor stays in cache across the stages)
+            refreshed = {id(h): e for h, e in zip(h_refresh, est_refresh)}
+            for i, (p, g, m, h) in enumerate(zip(params, grads, ms, hs)):
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                est = refreshed.get(id(h))
                 if est is not None:
                     h.mul_(beta2).add_(est, alpha=1.0 - beta2)
-                numer = m / (1.0 - beta1**step) if group["bias_correction"] else m
+                d = self._scratch(h, 0)
                 if paper:
-                    bound = 1.0
-                    ratio = numer / (h * group["gamma"]).clamp_(min=eps)
-                    if wd != 0:
-                        p.mul_(1.0 - lr * wd)
+                    torch.mul(h, gamma, out=d).clamp_(min=eps)
                 else:
-                    bound = group["rho"]
-                    ratio = numer / (h + eps)
-                    if wd > 0:
-                        p.mul_(1.0 - wd)
-                self._win_counts.append((ratio.abs() < bound).sum())
-                self._win_total += ratio.numel()
-                p.add_(ratio.clamp_(min=-bound, max=bound), alpha=-lr)
-        return loss
+                    torch.add(h, eps, out=d)
+                if corrections is not None:
+                    numer = torch.div(m, corrections[i], out=self._scratch(h, 1))
+                else:
+                    numer = m
+                torch.div(numer, d, out=d)
+                if apply_decay:
+                    p.mul_(decay)
+                p.add_(d.clamp_(min=-bound, max=bound), alpha=-lr)
+        else:
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, grads, alpha=1.0 - beta1)
+            if h_refresh:
+                torch._foreach_mul_(h_refresh, beta2)
+                torch._foreach_add_(h_refresh, est_refresh, alpha=1.0 - beta2)
+            if paper:
+                denom = torch._foreach_mul(hs, gamma)
+                torch._foreach_clamp_min_(denom, eps)
+            else:
+                denom = torch._foreach_add(hs, eps)
+            if apply_decay:
+                torch._foreach_mul_(params, decay)
+            if corrections is not None:
+                ratio = torch._foreach_div(ms, corrections)
+                torch._foreach_div_(ratio, denom)
+            else:
+                ratio = torch._foreach_div(ms, denom)
+            del denom
+            torch._foreach_clamp_min_(ratio, -bound)
+            torch._foreach_clamp_max_(ratio, bound)
+            torch._foreach_add_(params, ratio, alpha=-lr)
+        # The win rate is computed on demand (win_rate) from the m and h this step used: no per-step
+        # reductions. The record holds references to the state buffers, which change in place only
+        # at the next step (which replaces the record) or in update_hessian / load_state_dict (which
+        # first evaluate it).
+        self._win_record.append(
+            (ms, hs, corrections, paper, bound, eps, group["gamma"] if paper else None)
+        )
 
     def _gnb_estimates(
         self,
@@ -421,6 +528,7 @@ class Sophia(Optimizer):
         paper's form) or 1 by default (the seed's form). The step counter does not advance. Use
         ``hessian_computation_type='manual'`` so that :meth:`step` does not also refresh.
         """
+        self._materialize_win_rate()  # h changes in place below
         scale = 1.0
         if batch_size is not None:
             validation.check_positive("batch_size", batch_size)
