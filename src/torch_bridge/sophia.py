@@ -146,7 +146,7 @@ class Sophia(Optimizer):
         bias_correction: bool = False,
         probe: str = "gaussian",
     ):
-        _check_hyperparameters(
+        defaults = dict(
             lr=lr,
             betas=betas,
             rho=rho,
@@ -159,19 +159,8 @@ class Sophia(Optimizer):
             bias_correction=bias_correction,
             probe=probe,
         )
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            rho=rho,
-            weight_decay=weight_decay,
-            k=k,
-            hessian_computation_type=hessian_computation_type,
-            eps=eps,
-            form=form,
-            gamma=gamma,
-            bias_correction=bias_correction,
-            probe=probe,
-        )
+        _check_hyperparameters(**defaults)
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
         self._win_counts: list[torch.Tensor] = []
         self._win_total = 0
