@@ -1,0 +1,118 @@
+"""Training the PyTorch GPT with torch.optim.AdamW, torch_bridge.SOAP or torch_bridge.Sophia.
+
+The schedule is a ``LambdaLR`` over ``common.lr_multiplier`` (the same numbers as the JAX schedule),
+stepped once per update. Sophia is used the way its seed documents it:
+
+* Sophia-G: ``loss.backward(retain_graph=True); opt.step(logits=logits)`` (the optimizer samples
+  labels from ``softmax(logits)`` on its Hessian-refresh steps);
+* Sophia-H: ``opt.step(closure)`` with a closure that only computes and returns the loss (the
+  optimizer differentiates it, twice on refresh steps).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from . import common, data, model_torch
+
+
+def make_optimizer(name: str, params, peak_lr: float, cfg: common.TrainConfig) -> torch.optim.Optimizer:
+    wd = cfg.weight_decay
+    if name == "adamw":
+        a = common.ADAMW
+        return torch.optim.AdamW(params, lr=peak_lr, betas=(a["b1"], a["b2"]), eps=a["eps"],
+                                 weight_decay=wd)
+    import torch_bridge  # only needed for our optimizers
+    if name == "soap":
+        return torch_bridge.SOAP(params, lr=peak_lr, weight_decay=wd, **common.SOAP)
+    if name in ("sophia-g", "sophia-h"):
+        s = common.SOPHIA
+        return torch_bridge.Sophia(
+            params, lr=peak_lr, betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=s["eps"],
+            hessian_computation_type="gnb" if name == "sophia-g" else "hutchinson",
+            form="paper", gamma=cfg.sophia_gamma)
+    raise ValueError(f"optimizer: unknown {name!r}; expected one of {common.OPTIMIZERS}")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.TrainConfig,
+          corpus: data.Corpus, *, progress: bool = True, desc: str | None = None,
+          position: int | None = None) -> common.RunResult:
+    """Trains from ``common.init_params(model_cfg, cfg.init_seed)`` for ``cfg.steps`` updates."""
+    torch.manual_seed(cfg.opt_seed)  # Sophia's label sampling / probe vectors
+    model = model_torch.build_model(model_cfg, common.init_params(model_cfg, cfg.init_seed))
+    opt = make_optimizer(name, model.parameters(), peak_lr, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.lr_multiplier(s, cfg))
+    eval_set = [(torch.from_numpy(x).long(), torch.from_numpy(y).long()) for x, y in data.eval_batches(
+        corpus.val, cfg.eval_batches, cfg.batch_size, model_cfg.context)]
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        out = float(np.mean([cross_entropy(model(x), y).item() for x, y in eval_set]))
+        model.train()
+        return out
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if name == "sophia-h":
+            def closure():
+                return cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss = opt.step(closure)
+        else:
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = cross_entropy(logits, y)
+            if name == "sophia-g":
+                loss.backward(retain_graph=True)
+                opt.step(logits=logits)
+            else:
+                loss.backward()
+                opt.step()
+        sched.step()
+        return loss.detach()
+
+    sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
+    eval_at = set(common.eval_schedule(cfg))
+    result = common.RunResult("torch", name, peak_lr, cfg.steps, [], [], [])
+    result.eval_steps.append(0)
+    result.eval_loss.append(evaluate())
+
+    pending: list[torch.Tensor] = []
+    bar = tqdm(total=cfg.steps, desc=desc or f"torch {name:8s} lr={peak_lr:.1e}", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True, mininterval=0.5,
+               position=position, leave=position is None)
+    t_start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        x, y = next(sampler)
+        pending.append(train_step(torch.from_numpy(x).long(), torch.from_numpy(y).long()))
+        if step == 1:
+            result.first_step_s = time.perf_counter() - t_start
+            t_start = time.perf_counter()
+        if step in eval_at:
+            losses = [float(l) for l in pending]
+            pending.clear()
+            result.train_loss.extend(losses)
+            ev = evaluate()
+            result.eval_steps.append(step)
+            result.eval_loss.append(ev)
+            if name.startswith("sophia"):
+                result.win_rate.append(float(opt.win_rate))
+            bar.set_postfix(train=f"{np.mean(losses):.3f}", eval=f"{ev:.3f}", refresh=False)
+            if not (np.isfinite(ev) and np.all(np.isfinite(losses))):
+                result.diverged = True
+                bar.update(step - bar.n)
+                break
+        bar.update(1)
+    result.wall_s = time.perf_counter() - t_start
+    bar.close()
+    return result

@@ -1,0 +1,123 @@
+"""Smoke test of the character-level GPT comparison (examples/charlm): a few steps of every
+optimizer in both frameworks on a tiny model; the loss must be finite and go down."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.charlm import common, compare, data  # noqa: E402
+
+STEPS = 24
+# Peak learning rates for the tiny model (larger than the GPT's, which are tuned for 600 steps).
+TINY_LR = {"adamw": 1e-2, "soap": 1e-2, "sophia-g": 5e-3, "sophia-h": 5e-3}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny model; torch single-threaded meanwhile (tiny matmuls gain nothing from threads, and
+    CI runs this file beside other tests on 2 cores)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    corpus = data.load_corpus()
+    model_cfg = common.ModelConfig(vocab_size=corpus.vocab_size, context=16, d_model=32, n_layer=1,
+                                   n_head=2)
+    train_cfg = common.TrainConfig(steps=STEPS, batch_size=8, eval_every=8, eval_batches=2)
+    yield corpus, model_cfg, train_cfg
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def test_corpus_and_sampler():
+    corpus = data.load_corpus()
+    assert corpus.n_chars > 100_000 and 50 < corpus.vocab_size < 200
+    assert abs(len(corpus.val) / corpus.n_chars - 0.1) < 1e-3
+    assert corpus.decode(corpus.encode("def f(x):")) == "def f(x):"
+    a, b = data.BatchSampler(corpus.train, 4, 16, seed=3), data.BatchSampler(corpus.train, 4, 16, seed=3)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert (xa == xb).all() and (ya == yb).all()
+        assert xa.shape == (4, 16) and (xa[:, 1:] == ya[:, :-1]).all()
+
+
+def test_schedules_agree():
+    pytest.importorskip("jax")
+    from examples.charlm import train_jax
+    import numpy as np
+    cfg = common.TrainConfig(steps=50)
+    got = np.asarray(train_jax.make_schedule(2.0, cfg)(np.arange(cfg.steps)))
+    want = [2.0 * common.lr_multiplier(step, cfg) for step in range(cfg.steps)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert math.isclose(common.lr_multiplier(cfg.steps - 1, cfg), cfg.final_lr_frac)
+
+
+@pytest.mark.parametrize("optimizer", common.OPTIMIZERS)
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_training_decreases_loss(setup, framework, optimizer):
+    pytest.importorskip(framework)
+    why = compare.available(framework, optimizer)
+    if why is not None:
+        pytest.skip(why)
+    corpus, model_cfg, train_cfg = setup
+    if framework == "jax":
+        from examples.charlm import train_jax as trainer
+    else:
+        from examples.charlm import train_torch as trainer
+    run = trainer.train(optimizer, TINY_LR[optimizer], model_cfg, train_cfg, corpus,
+                        progress=False)
+    assert not run.diverged
+    assert run.eval_steps == [0, 8, 16, 24]
+    assert len(run.train_loss) == STEPS
+    assert all(math.isfinite(x) for x in run.train_loss + run.eval_loss)
+    assert abs(run.eval_loss[0] - math.log(corpus.vocab_size)) < 0.1  # small init: ~uniform
+    assert run.eval_loss[-1] < run.eval_loss[0] - 0.3
+
+
+def test_frameworks_agree_with_adamw(setup):
+    """Same weights, same batches, same schedule: the two AdamW runs give the same losses."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    from examples.charlm import train_jax, train_torch
+    corpus, model_cfg, train_cfg = setup
+    runs = [t.train("adamw", 1e-2, model_cfg, train_cfg, corpus, progress=False)
+            for t in (train_jax, train_torch)]
+    for a, b in zip(runs[0].eval_loss, runs[1].eval_loss):
+        assert abs(a - b) < 2e-3
+
+
+def test_table_and_plot(tmp_path):
+    runs = []
+    for fw in ("jax", "torch"):
+        for opt, final in (("adamw", 2.0), ("soap", 1.8)):
+            runs.append(common.RunResult(fw, opt, 1e-3, 50, [0, 25, 50], [4.6, 2.5, final],
+                                         [4.0] * 50, wall_s=1.0))
+    rows = compare.summarize(runs, eval_every=25)
+    soap = [r for r in rows if r["optimizer"] == "soap"][0]
+    assert soap["steps_to_adamw_eval"] == 50 and soap["final_eval"] == 1.8
+    assert "soap" in compare.markdown_table(rows)
+    compare.plot(runs, rows, 25, tmp_path / "p.png", "test")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_command_line(tmp_path, setup):
+    pytest.importorskip("torch")
+    rc = compare.main(["--frameworks", "torch", "--optimizers", "adamw", "--lr-grid", "1,2",
+                       "--steps", "8", "--eval-every", "4", "--eval-batches", "1", "--d-model", "16",
+                       "--n-layer", "1", "--n-head", "2", "--context", "8", "--batch-size", "4",
+                       "--workers", "1", "--no-progress", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    for suffix in (".json", ".md", ".png"):
+        assert (tmp_path / f"charlm_t{suffix}").exists()
+    assert "| torch | adamw |" in (tmp_path / "charlm_t.md").read_text()
