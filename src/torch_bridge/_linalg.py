@@ -103,16 +103,18 @@ def refresh_basis(gg: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
     their descending order ``idx`` sorts the columns, and the new basis is ``qr(P[:, idx]).Q``. Returns
     ``(new_q, idx)``; the caller permutes the second moment along this dimension with ``idx`` so that it
     stays aligned with the columns. If the QR result is not finite, the sorted old basis ``q[:, idx]`` is
-    kept (decided on device, without a host synchronisation).
+    kept (decided on device, without a host synchronisation, except on the CPU where reading the flag
+    is free and saves building the fallback).
     """
     p = gg @ q
     estimates = (q * p).sum(dim=0)
     idx = torch.argsort(estimates, descending=True)
-    p = p.index_select(1, idx)
-    new_q, _ = torch.linalg.qr(p)
-    sorted_q = q.index_select(1, idx)
-    new_q = torch.where(torch.isfinite(new_q).all(), new_q, sorted_q)
-    return new_q, idx
+    new_q, _ = torch.linalg.qr(p.index_select(1, idx))
+    # A NaN or inf anywhere makes the sum non-finite (a finite Q has entries of magnitude <= 1).
+    finite = torch.isfinite(new_q.sum())
+    if new_q.device.type == "cpu":  # reading the flag costs nothing here: skip the fallback copy
+        return (new_q if bool(finite) else q.index_select(1, idx)), idx
+    return torch.where(finite, new_q, q.index_select(1, idx)), idx
 
 
 def project(x: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
