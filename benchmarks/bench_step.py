@@ -3,7 +3,7 @@ r"""Step time and optimizer-state memory of so-optax against the optimizers a us
 
 One command, one process, one machine (run it from the repository root)::
 
-    python benchmarks/bench_step.py                 # full run (about 10 min on a 2-core CPU)
+    python benchmarks/bench_step.py                 # full run (about 14 min on a 2-core CPU)
     python benchmarks/bench_step.py --quick         # a few steps of everything (smoke run)
     python benchmarks/bench_step.py --only soap     # or --only sophia;  --steps N  sets the step count
 
@@ -25,7 +25,9 @@ the compilation, which is timed separately as ``lower().compile()``), the measur
 number of refresh cycles (``precondition_frequency`` for SOAP, ``k`` for Sophia). Reported per
 benchmark: the *median* step (a non-refresh step) and the *amortized* mean over the whole window
 (refresh steps included). **Every ratio in the report uses the amortized mean** unless it says
-otherwise (the Sophia optimizer-only ratios are non-refresh by construction, see below).
+otherwise (the Sophia optimizer-only ratios are non-refresh by construction, see below). Each
+table's benchmarks run ``--rounds`` times (default 3) round-robin, and each row keeps its best round
+(lowest amortized mean); all rounds are recorded in the JSON.
 
 JAX steps are ``jax.jit(step, donate_argnums=(0, 1))`` of ``tx.update`` + ``optax.apply_updates``;
 torch steps run under ``torch.no_grad()`` (optimizer-only) with torch's default thread count.
