@@ -43,7 +43,7 @@ from jax import lax
 
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative
-from so_optax import _linalg
+from so_optax import _control, _linalg
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -260,44 +260,44 @@ def _soap_transform(
                 )
             )
 
-        def first_branch(ops):
-            return [
-                dict(m=o["m"], v=o["v"], bases=_init_bases(o["factors"], o["bases"]), u=jnp.zeros_like(o["g"]))
-                for o in ops
-            ]
+        # The Adam step in the current bases runs on every call (on the first call its moments and
+        # direction are discarded below); the basis changes run in place (``_control.run_if``).
+        moved = []
+        for o in stacked:
+            dtype = o["g"].dtype
+            one = jnp.ones([], dtype)
+            beta1, beta2, epsilon = cast(b1, dtype), cast(b2, dtype), cast(eps, dtype)
+            gp = jax.vmap(_linalg.project)(o["g"], o["bases"])
+            m = beta1 * o["m"] + (one - beta1) * gp
+            v = beta2 * o["v"] + (one - beta2) * jnp.square(gp)
+            u = jax.vmap(_linalg.project_back)(m / (jnp.sqrt(v) + epsilon), o["bases"])
+            if normalize_grads:
+                axes = tuple(range(1, u.ndim))
+                rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
+                u = u / (cast(1e-30, dtype) + rms)
+            moved.append(dict(m=jnp.where(first, o["m"], m), v=jnp.where(first, o["v"], v), u=u))
 
-        def refresh_branch(ops):
+        def first_fn(carry):  # the factors get their eigenbases
             out = []
-            for o in ops:
-                if all(q is None for q in o["bases"]):
-                    out.append(dict(m=o["m"], v=o["v"], bases=o["bases"]))
+            for o, c in zip(stacked, carry):
+                factors = _control.tied_to(o["factors"], c["bases"])
+                out.append(dict(c, bases=_init_bases(factors, c["bases"])))
+            return out
+
+        def refresh_fn(carry):
+            out = []
+            for o, c in zip(stacked, carry):
+                if all(q is None for q in c["bases"]):
+                    out.append(c)
                     continue
-                new_bases, m, v = _refresh(o["factors"], o["bases"], o["m"], o["v"])
+                new_bases, m, v = _refresh(o["factors"], c["bases"], c["m"], c["v"])
                 out.append(dict(m=m, v=v, bases=new_bases))
             return out
 
-        def keep_branch(ops):
-            return [dict(m=o["m"], v=o["v"], bases=o["bases"]) for o in ops]
-
-        def step_branch(ops):
-            moved = []
-            for o in ops:
-                dtype = o["g"].dtype
-                one = jnp.ones([], dtype)
-                beta1, beta2, epsilon = cast(b1, dtype), cast(b2, dtype), cast(eps, dtype)
-                gp = jax.vmap(_linalg.project)(o["g"], o["bases"])
-                m = beta1 * o["m"] + (one - beta1) * gp
-                v = beta2 * o["v"] + (one - beta2) * jnp.square(gp)
-                u = jax.vmap(_linalg.project_back)(m / (jnp.sqrt(v) + epsilon), o["bases"])
-                if normalize_grads:
-                    axes = tuple(range(1, u.ndim))
-                    rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
-                    u = u / (cast(1e-30, dtype) + rms)
-                moved.append(dict(o, m=m, v=v, u=u))
-            rotated = lax.cond(refresh, refresh_branch, keep_branch, moved)
-            return [dict(r, u=o["u"]) for r, o in zip(rotated, moved)]
-
-        results = lax.cond(first, first_branch, step_branch, stacked)
+        carry = [dict(m=mv["m"], v=mv["v"], bases=o["bases"]) for o, mv in zip(stacked, moved)]
+        carry = _control.run_if(first, first_fn, carry)
+        carry = _control.run_if(refresh, refresh_fn, carry)
+        results = [dict(c, u=mv["u"]) for c, mv in zip(carry, moved)]
 
         new_exp_avg, new_exp_avg_sq = [None] * n, [None] * n
         new_factors, new_bases, directions = [None] * n, [None] * n, [None] * n
@@ -317,7 +317,7 @@ def _soap_transform(
                 new_exp_avg_sq[k] = res["v"][j]
                 new_factors[k] = tuple(None if f is None else f[j] for f in ops["factors"])
                 new_bases[k] = tuple(None if q is None else q[j] for q in res["bases"])
-                d = scale * _from_work(res["u"][j], layout)
+                d = jnp.where(first, jnp.zeros([], dtype), scale * _from_work(res["u"][j], layout))
                 out_dtype = grads[k].dtype
                 if params is not None:
                     out_dtype = jnp.asarray(param_leaves[k]).dtype

@@ -183,6 +183,50 @@ def test_no_recompilation_across_refresh_cycles(trajectory):
     chex.assert_trees_all_equal_dtypes(trajectory["states"][1], trajectory["states"][-1])
 
 
+def _computations(hlo_text):
+    """Compiled HLO text split into {computation name: its lines}, plus the entry's name."""
+    comps, cur, entry = {}, None, None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            cur = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[cur] = []
+            entry = cur if line.startswith("ENTRY") else entry
+        elif cur is not None:
+            comps[cur].append(line)
+    return comps, entry
+
+
+def test_decompositions_only_on_first_call_and_refresh_steps():
+    """eigh/QR must stay inside the run-once/refresh loops: never hoisted into every step."""
+    params = {"w": jnp.ones((6, 5)), "b": jnp.ones((6,)), "k": jnp.ones((3, 4, 5))}
+    opt = optax.chain(so_optax.soap(precondition_frequency=3), optax.scale(-0.1))
+    state = opt.init(params)
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    comps, entry = _computations(hlo)
+    decomposition = ("syevd", "geqrf", "orgqr")
+    found = {name for name, lines in comps.items() for l in lines if any(d in l for d in decomposition)}
+    assert found, "expected LAPACK eigh/QR calls in the compiled step"
+    assert entry not in found
+    # every computation holding a decomposition is reached only through a while loop's body
+    bodies = {l.split("body=")[1].split(",")[0].split()[0].lstrip("%") for lines in comps.values()
+              for l in lines if " while(" in l}
+    callers = {name: {c for c, lines in comps.items() for l in lines if f"%{name}" in l and c != name}
+               for name in comps}
+
+    def under_loop(name, seen=()):
+        if name in bodies:
+            return True
+        return bool(callers[name]) and all(
+            c not in seen and c != entry and under_loop(c, seen + (name,)) for c in callers[name])
+
+    assert all(under_loop(name) for name in found), found
+
+
 def test_state_mirrors_params_and_leaves_are_independent(trajectory):
     """Stacking same-layout leaves must not mix them: 'w' and 'w2' get the same grads as if alone."""
     s = trajectory["states"][-1]
