@@ -106,9 +106,10 @@ def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Ar
 
 # Batched forms. XLA:CPU runs jaxlib's batched LAPACK kernels (eigh, QR) by fanning the batch out
 # over the intra-op thread pool and blocking a pool thread until it is done; two such calls in
-# flight at once (e.g. inside a conditional or loop, on a 2-core machine) can deadlock. The batched helpers
-# below therefore issue one unbatched decomposition per matrix (the matmuls around them stay
-# batched where it matters); on accelerators the cost is the same number of solver launches.
+# flight at once (e.g. inside a conditional or loop, on a 2-core machine) can deadlock. The
+# batched helpers below therefore issue one unbatched decomposition per matrix (the matmuls around
+# them stay batched where it matters); on accelerators the cost is the same number of solver
+# launches.
 
 
 def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array) -> jax.Array:

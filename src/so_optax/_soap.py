@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -215,7 +217,10 @@ def test_decompositions_only_on_first_call_and_refresh_steps():
     # every computation holding a decomposition is reached only through a while loop's body
     bodies = {l.split("body=")[1].split(",")[0].split()[0].lstrip("%") for lines in comps.values()
               for l in lines if " while(" in l}
-    callers = {name: {c for c, lines in comps.items() for l in lines if f"%{name}" in l and c != name}
+    def calls(line, name):
+        return re.search(rf"%{re.escape(name)}(?![\w.])", line) is not None
+
+    callers = {name: {c for c, lines in comps.items() for l in lines if c != name and calls(l, name)}
                for name in comps}
 
     def under_loop(name, seen=()):
