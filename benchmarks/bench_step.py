@@ -261,65 +261,67 @@ def mix_flops(mix: dict[tuple[int, int, int], int]) -> float:
     return sum(2.0 * m * k * n * c for (m, k, n), c in mix.items())
 
 
+def _rate_report(per: list[dict[str, Any]], mix_gflop: float) -> dict[str, Any]:
+    """Per-shape timings -> the report of a matmul-rate measurement (mix rate = mix flops / mix time)."""
+    total_s = sum(p["count"] * p["ms"] for p in per) / 1e3
+    return dict(per_shape=per, mix_gflop=mix_gflop, mix_ms=total_s * 1e3, rate_gflops=mix_gflop / total_s)
+
+
+def _matmul_rate(mix, reps: int, desc: str, prepare: Callable[[int, int, int], Callable[[], None]]) -> dict[str, Any]:
+    """Times every shape of the mix: ``prepare(m, k, n)`` returns a call that runs one M×K @ K×N matmul to
+    completion; median of ``reps`` calls after 2 warm-up calls."""
+    per = []
+    bar = _Bar(len(mix) * (reps + 2), desc)
+    for (m, k, n), c in sorted(mix.items()):
+        run = prepare(m, k, n)
+        ts = []
+        for r in range(reps + 2):
+            t0 = time.perf_counter()
+            run()
+            if r >= 2:
+                ts.append(time.perf_counter() - t0)
+            bar.update()
+        t = statistics.median(ts)
+        per.append(dict(shape=[m, k, n], count=c, ms=t * 1e3, gflops=2 * m * k * n / t / 1e9))
+    bar.close()
+    return _rate_report(per, mix_flops(mix) / 1e9)
+
+
 def jax_matmul_rate(mix, reps: int) -> dict[str, Any]:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
     mm = jax.jit(jnp.matmul)
     key = jax.random.PRNGKey(1)
-    per, total_t = [], 0.0
-    bar = _Bar(len(mix) * (reps + 2), "matmul rate (jax)")
-    for (m, k, n), c in sorted(mix.items()):
+
+    def prepare(m, k, n):
         ka, kb = jax.random.split(jax.random.fold_in(key, m * 7 + k * 13 + n))
         a = jax.random.normal(ka, (m, k), jnp.float32)
         b = jax.random.normal(kb, (k, n), jnp.float32)
-        ts = []
-        for r in range(reps + 2):
-            t0 = time.perf_counter()
-            mm(a, b).block_until_ready()
-            if r >= 2:
-                ts.append(time.perf_counter() - t0)
-            bar.update()
-        t = statistics.median(ts)
-        per.append(dict(shape=[m, k, n], count=c, ms=t * 1e3, gflops=2 * m * k * n / t / 1e9))
-        total_t += c * t
-    bar.close()
-    return dict(per_shape=per, mix_gflop=mix_flops(mix) / 1e9, mix_ms=total_t * 1e3,
-                rate_gflops=mix_flops(mix) / total_t / 1e9)
+        return lambda: mm(a, b).block_until_ready()
+
+    return _matmul_rate(mix, reps, "matmul rate (jax)", prepare)
 
 
 def torch_matmul_rate(mix, reps: int) -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(1)
-    per, total_t = [], 0.0
-    bar = _Bar(len(mix) * (reps + 2), "matmul rate (torch)")
+
+    def prepare(m, k, n):
+        a = torch.randn(m, k, generator=g)
+        b = torch.randn(k, n, generator=g)
+        out = torch.empty(m, n)
+        return lambda: torch.matmul(a, b, out=out)
+
     with torch.no_grad():
-        for (m, k, n), c in sorted(mix.items()):
-            a = torch.randn(m, k, generator=g)
-            b = torch.randn(k, n, generator=g)
-            out = torch.empty(m, n)
-            ts = []
-            for r in range(reps + 2):
-                t0 = time.perf_counter()
-                torch.matmul(a, b, out=out)
-                if r >= 2:
-                    ts.append(time.perf_counter() - t0)
-                bar.update()
-            t = statistics.median(ts)
-            per.append(dict(shape=[m, k, n], count=c, ms=t * 1e3, gflops=2 * m * k * n / t / 1e9))
-            total_t += c * t
-    bar.close()
-    return dict(per_shape=per, mix_gflop=mix_flops(mix) / 1e9, mix_ms=total_t * 1e3,
-                rate_gflops=mix_flops(mix) / total_t / 1e9)
+        return _matmul_rate(mix, reps, "matmul rate (torch)", prepare)
 
 
 def _best_rates(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Two matmul-rate measurements merged shape by shape (the faster of the two), mix rate recomputed."""
+    """Two matmul-rate measurements merged shape by shape (the faster of the two)."""
     per = [x if x["ms"] <= y["ms"] else y for x, y in zip(a["per_shape"], b["per_shape"])]
-    total_s = sum(p["count"] * p["ms"] for p in per) / 1e3
-    return dict(per_shape=per, mix_gflop=a["mix_gflop"], mix_ms=total_s * 1e3,
-                rate_gflops=a["mix_gflop"] / total_s)
+    return _rate_report(per, a["mix_gflop"])
 
 
 # ------------------------------------------------------------------------------------- JAX runners
