@@ -811,17 +811,15 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> dict[str, Any]:
                    max_precond_dim=10000, merge_dims=False, precondition_1d=False)
     lr = 3e-3
 
-    def ours_jax():
+    def ours_jax(desc="so_optax.soap"):
         soap = _need("so_optax.soap")
-        return run_jax_opt("so_optax.soap", lambda: optax.chain(soap(**soap_kw), optax.scale(-lr)),
+        return run_jax_opt(desc, lambda: optax.chain(soap(**soap_kw), optax.scale(-lr)),
                            shapes, n_warm, n_steps, f)
 
     def ours_jax_lapack_1thread():
-        soap = _need("so_optax.soap")
         limits = _need("threadpoolctl.threadpool_limits")
         with limits(limits=1, user_api="blas"):  # jaxlib's CPU LAPACK is scipy's OpenBLAS
-            return run_jax_opt("so_optax.soap, LAPACK 1 thread",
-                               lambda: optax.chain(soap(**soap_kw), optax.scale(-lr)), shapes, n_warm, n_steps, f)
+            return ours_jax("so_optax.soap, LAPACK 1 thread")
 
     def adamw_jax():
         return run_jax_opt("optax.adamw", lambda: optax.adamw(1e-3, weight_decay=0.01), shapes, n_warm, n_cheap, f)
