@@ -9,7 +9,7 @@ from so_optax._hessian_estimators import (
     hutchinson_hessian_estimator,
 )
 from so_optax._soap import SOAP_STATIC_ARGS, ScaleBySoapState, scale_by_soap, soap
-from so_optax._sophia import SOPHIA_STATIC_ARGS, SophiaState, sophia
+from so_optax._sophia import SOPHIA_STATIC_ARGS, SophiaClipRule, SophiaState, sophia, sophia_win_rate
 
 __all__ = [
     "SOAP_STATIC_ARGS",
@@ -18,7 +18,9 @@ __all__ = [
     "soap",
     "SOPHIA_STATIC_ARGS",
     "SophiaState",
+    "SophiaClipRule",
     "sophia",
+    "sophia_win_rate",
     "GNBState",
     "HutchinsonState",
     "gnb_hessian_estimator",

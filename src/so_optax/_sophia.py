@@ -22,7 +22,7 @@ import optax
 from so_common import validation
 from so_optax import _hessian_estimators as _est
 
-__all__ = ["SOPHIA_STATIC_ARGS", "SophiaState", "sophia"]
+__all__ = ["SOPHIA_STATIC_ARGS", "SophiaClipRule", "SophiaState", "sophia", "sophia_win_rate"]
 
 # Arguments of :func:`sophia` that ``optax.inject_hyperparams`` must treat as static (a callable
 # ``weight_decay_mask`` would otherwise be taken for a schedule; the seed only matters at init).
@@ -34,28 +34,6 @@ PyTree = Any
 
 _FORMS = ("seed", "paper")
 _ESTIMATORS = ("gnb", "hutchinson")
-
-
-class SophiaState(NamedTuple):
-    """State of :func:`sophia` (all arrays; jits, checkpoints and shards like any optax state).
-
-    Attributes:
-      count: int32, number of ``update`` calls so far (the step ``t`` of the last call).
-      mu: EMA of the gradients ``m`` (pytree like params, float32 or wider).
-      nu: EMA of the Hessian-diagonal estimates ``h`` (pytree like params, float32 or wider). It
-        starts at 0 and changes only on refresh steps ``t = k, 2k, ...``. Tests may replace it with
-        ``state._replace(nu=...)``.
-      win_rate: float32 scalar, fraction of coordinates whose ratio was *not* clipped at the last
-        step (the paper's diagnostic; the authors suggest keeping it roughly in 0.1-0.5, raising
-        ``rho``/``gamma`` if it is too low). Computed on device every step, no host callback.
-      estimator_state: the Hessian estimator's state (holds its PRNG key).
-    """
-
-    count: jax.Array
-    mu: PyTree
-    nu: PyTree
-    win_rate: jax.Array
-    estimator_state: Any
 
 
 def _is_python_number(x: Any) -> bool:
@@ -123,6 +101,116 @@ def _make_estimator(estimator, form: str, seed) -> optax.GradientTransformationE
             "GradientTransformation whose update returns the Hessian-diagonal estimate)"
         )
     return optax.with_extra_args_support(estimator)
+
+
+class SophiaClipRule(NamedTuple):
+    """The ratio and clipping rule of one :func:`sophia` transformation, as arrays in its state.
+
+    Both forms are ``r = m̂ / max(gamma·h + shift, floor)`` clipped to ``±bound``, with
+    ``m̂ = m / (1 − bias_decay^t)``: the seed form is ``gamma = 1, shift = eps, floor = −inf,
+    bound = rho``, the paper form ``shift = 0, floor = eps, bound = 1``; ``bias_decay`` is ``β1``
+    with ``bias_correction`` and ``0`` (no correction) without. The step and
+    :attr:`SophiaState.win_rate` both evaluate this one rule, so they agree exactly.
+    """
+
+    gamma: jax.Array
+    shift: jax.Array
+    floor: jax.Array
+    bound: jax.Array
+    bias_decay: jax.Array
+
+
+def _clip_rule(form: str, rho, gamma, eps, b1, bias_correction: bool) -> SophiaClipRule:
+    def scalar(x):
+        return jnp.asarray(x, jnp.result_type(float))
+
+    if form == "seed":
+        rule = (1.0, eps, -jnp.inf, rho)
+    else:
+        rule = (gamma, 0.0, eps, 1.0)
+    return SophiaClipRule(*map(scalar, rule), bias_decay=scalar(b1 if bias_correction else 0.0))
+
+
+def _ratios(mu: PyTree, nu: PyTree, count: jax.Array, rule: SophiaClipRule) -> PyTree:
+    """The unclipped ratios ``m̂ / max(gamma·h + shift, floor)`` (see :class:`SophiaClipRule`)."""
+    m_hat = optax.tree.bias_correction(mu, rule.bias_decay, count)
+
+    def ratio(m, n):
+        gamma, shift, floor = (x.astype(n.dtype) for x in (rule.gamma, rule.shift, rule.floor))
+        return m / jnp.maximum(gamma * n + shift, floor)
+
+    return jax.tree.map(ratio, m_hat, nu)
+
+
+def _clip(bound: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    def clip(r):
+        b = bound.astype(r.dtype)
+        return jnp.clip(r, -b, b)
+
+    return clip
+
+
+@jax.jit
+def _win_rate(state: "SophiaState") -> jax.Array:
+    leaves = jax.tree.leaves(_ratios(state.mu, state.nu, state.count, state.clip_rule))
+    size = sum(int(np.prod(np.shape(r))) for r in leaves)
+    if not size:
+        return jnp.ones([], jnp.float32)
+    rate = _count_below(leaves, state.clip_rule.bound) / size
+    return jnp.where(state.count > 0, rate, 1.0).astype(jnp.float32)
+
+
+class SophiaState(NamedTuple):
+    """State of :func:`sophia` (all arrays; jits, checkpoints and shards like any optax state).
+
+    Attributes:
+      count: int32, number of ``update`` calls so far (the step ``t`` of the last call).
+      mu: EMA of the gradients ``m`` (pytree like params, float32 or wider).
+      nu: EMA of the Hessian-diagonal estimates ``h`` (pytree like params, float32 or wider). It
+        starts at 0 and changes only on refresh steps ``t = k, 2k, ...``. Tests may replace it with
+        ``state._replace(nu=...)``.
+      estimator_state: the Hessian estimator's state (holds its PRNG key).
+      clip_rule: the :class:`SophiaClipRule` of the last step (scalars; traced hyperparameters, e.g.
+        under ``optax.inject_hyperparams``, are recorded as they were at that step).
+    """
+
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+    estimator_state: Any
+    clip_rule: SophiaClipRule
+
+    @property
+    def win_rate(self) -> jax.Array:
+        """float32 scalar: the fraction of coordinates whose ratio was *not* clipped at the last step.
+
+        The paper's diagnostic (the authors suggest keeping it roughly in 0.1-0.5, raising
+        ``rho``/``gamma`` if it is lower). Evaluated when read, from ``mu``, ``nu`` and ``count``
+        (which are the ``m`` and ``h`` the last step used) and ``clip_rule``: the step itself does
+        not count (a count is a full pass over the parameters, about a quarter of an AdamW step).
+        Works on device, inside or outside ``jit``; 1.0 before the first step. For a state nested
+        in a chain or wrapper, :func:`sophia_win_rate` finds it.
+        """
+        return _win_rate(self)
+
+
+def sophia_win_rate(opt_state: Any) -> jax.Array:
+    """The :attr:`SophiaState.win_rate` of the one :func:`sophia` state inside ``opt_state``.
+
+    ``opt_state`` may be any optimizer state containing it (``optax.chain``,
+    ``optax.inject_hyperparams``, ...). Raises ``ValueError`` if it holds no or several.
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SophiaState))
+        if isinstance(s, SophiaState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"Invalid opt_state: sophia_win_rate needs exactly one so_optax.sophia state in it, found "
+            f"{len(found)}"
+        )
+    return found[0].win_rate
 
 
 def sophia(
@@ -268,6 +356,7 @@ def sophia(
     est = _make_estimator(estimator, form, seed)
     b1, b2 = betas
     static_k_is_one = isinstance(k, numbers.Integral) and not isinstance(k, bool) and k == 1
+    clip_rule = _clip_rule(form, rho, gamma, eps, b1, bias_correction)
 
     def init_fn(params):
         def zeros(p):
@@ -277,8 +366,8 @@ def sophia(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(zeros, params),
             nu=jax.tree.map(zeros, params),
-            win_rate=jnp.ones([], jnp.float32),
             estimator_state=est.init(params),
+            clip_rule=clip_rule,
         )
 
     def update_fn(updates, state: SophiaState, params=None, **extra_args):
@@ -303,19 +392,7 @@ def sophia(
                 count % k == 0, refresh, keep, state.estimator_state, state.nu
             )
 
-        m_hat = optax.tree.bias_correction(mu, b1, count) if bias_correction else mu
-        if form == "seed":
-            ratio = jax.tree.map(lambda m, n: m / (n + eps), m_hat, nu)
-            threshold = rho
-        else:
-            ratio = jax.tree.map(lambda m, n: m / jnp.maximum(gamma * n, eps), m_hat, nu)
-            threshold = 1.0
-
-        leaves = jax.tree.leaves(ratio)
-        size = sum(int(np.prod(np.shape(r))) for r in leaves)
-        not_clipped = _count_below(leaves, threshold)
-        win_rate = not_clipped / max(size, 1) if size else jnp.ones([], jnp.float32)
-        direction = jax.tree.map(lambda r: jnp.clip(r, -threshold, threshold), ratio)
+        direction = jax.tree.map(_clip(clip_rule.bound), _ratios(mu, nu, count, clip_rule))
 
         if not (_is_python_number(weight_decay) and weight_decay == 0):
             mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
@@ -339,8 +416,8 @@ def sophia(
             count=count,
             mu=mu,
             nu=nu,
-            win_rate=jnp.asarray(win_rate, jnp.float32),
             estimator_state=est_state,
+            clip_rule=clip_rule,
         )
         return direction, new_state
 

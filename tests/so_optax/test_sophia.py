@@ -182,6 +182,42 @@ def test_win_rate_constructed_case():
     assert s.win_rate.dtype == jnp.float32
 
 
+def test_win_rate_is_evaluated_on_read_not_in_the_step():
+    tx = so_optax.sophia(betas=(0.0, 0.0), k=2, estimator=injected_estimator())
+    params = tree_of(np.zeros(17, np.float32))
+    state = tx.init(params)
+    assert float(state.win_rate) == 1.0  # before the first step nothing was clipped
+    step = jax.jit(lambda g, s, e: tx.update(g, s, params, hessian_estimate=e))
+    hlo = step.lower(params, state, params).compile().as_text()
+    assert " reduce(" not in hlo and "wrapped_reduce" not in hlo  # no count in the step itself
+    g = tree_of(np.linspace(-0.05, 0.05, 17, dtype=np.float32))
+    ones = tree_of(np.ones(17, np.float32))
+    _, state = step(g, state, ones)  # t = 1: h = 0, every coordinate but g = 0 is clipped
+    assert float(state.win_rate) == pytest.approx(1 / 17)
+    _, state = step(g, state, ones)  # t = 2: refresh, m = g, h = 1: |g| < 0.03 for 9 of 17
+    # Read inside a jitted function and outside: the same value, from the state's m and h.
+    assert float(jax.jit(lambda s: s.win_rate)(state)) == float(state.win_rate) == pytest.approx(9 / 17)
+
+
+def test_sophia_win_rate_finds_the_state_in_wrappers():
+    params = tree_of(np.zeros(17, np.float32))
+    make = optax.inject_hyperparams(so_optax.sophia, static_args=so_optax.SOPHIA_STATIC_ARGS)
+    tx = optax.chain(optax.scale(1.0), make(rho=30.0, k=1, estimator=injected_estimator()),
+                     optax.scale(-0.1))
+    state = tx.init(params)
+    g = tree_of(np.linspace(-1.0, 1.0, 17, dtype=np.float32))
+    _, state = tx.update(g, state, params, hessian_estimate=tree_of(np.ones(17, np.float32)))
+    inner = state[1].inner_state
+    assert float(so_optax.sophia_win_rate(state)) == float(inner.win_rate)
+    # The rule holds the injected rho of that step; m = 0.1·g and h = 0.001 after one step, so the
+    # ratio is 100·g: |g| < 0.3 for 5 of the 17 coordinates.
+    assert float(inner.win_rate) == pytest.approx(5 / 17)
+    with pytest.raises(ValueError, match="opt_state"):
+        so_optax.sophia_win_rate(optax.adam(1e-3).init(params))
+    with pytest.raises(ValueError, match="found 2"):
+        so_optax.sophia_win_rate((inner, inner))
+
+
 # ----------------------------------------------------------------------------------------------
 # Refresh schedule, jit, recompilation
 # ----------------------------------------------------------------------------------------------
