@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,3 +172,47 @@ def eval_schedule(cfg: TrainConfig) -> list[int]:
     """The update counts at which the held-out loss is measured: 0, every ``eval_every``, last."""
     points = list(range(0, cfg.steps, cfg.eval_every))
     return points + [cfg.steps]
+
+
+def run_training(result: RunResult, cfg: TrainConfig, sampler: Iterator[tuple[np.ndarray, np.ndarray]],
+                 train_step: Callable[[np.ndarray, np.ndarray], Any], evaluate: Callable[[], float], *,
+                 win_rate: Optional[Callable[[], float]] = None, sync: Callable[[Any], Any] = lambda x: x,
+                 desc: str = "", progress: bool = True, position: Optional[int] = None) -> RunResult:
+    """The framework-independent loop: ``cfg.steps`` calls of ``train_step(x, y) -> loss``, evaluations
+    at :func:`eval_schedule`, a progress bar, and a stop at the first non-finite loss.
+
+    Losses stay where ``train_step`` returns them (on device) until the next evaluation; ``sync``
+    waits for the first step so that its time (JAX: compilation) is reported on its own.
+    """
+    eval_at = set(eval_schedule(cfg))
+    result.eval_steps.append(0)
+    result.eval_loss.append(evaluate())
+    pending: list[Any] = []
+    bar = tqdm(total=cfg.steps, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True,
+               mininterval=0.5, position=position, leave=position is None)
+    t_start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        x, y = next(sampler)
+        pending.append(train_step(x, y))
+        if step == 1:
+            sync(pending[-1])
+            result.first_step_s = time.perf_counter() - t_start
+            t_start = time.perf_counter()
+        if step in eval_at:
+            losses = [float(l) for l in pending]
+            pending.clear()
+            result.train_loss.extend(losses)
+            ev = evaluate()
+            result.eval_steps.append(step)
+            result.eval_loss.append(ev)
+            if win_rate is not None:
+                result.win_rate.append(win_rate())
+            bar.set_postfix(train=f"{np.mean(losses):.3f}", eval=f"{ev:.3f}", refresh=False)
+            if not (np.isfinite(ev) and np.all(np.isfinite(losses))):
+                result.diverged = True
+                bar.update(step - bar.n)
+                break
+        bar.update(1)
+    result.wall_s = time.perf_counter() - t_start
+    bar.close()
+    return result

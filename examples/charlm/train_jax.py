@@ -15,14 +15,10 @@ the current batch and are only evaluated inside the refresh branch.
 
 from __future__ import annotations
 
-import sys
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from . import common, data, model_flax
 
@@ -93,43 +89,18 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
     eval_set = [(jnp.asarray(x), jnp.asarray(y)) for x, y in data.eval_batches(
         corpus.val, cfg.eval_batches, cfg.batch_size, model_cfg.context)]
 
-    def evaluate(p) -> float:
-        return float(np.mean([float(eval_loss_fn(p, x, y)) for x, y in eval_set]))
+    box = [params, opt_state]  # the donated buffers change on every step
+
+    def step(x, y):
+        box[0], box[1], loss = train_step(box[0], box[1], x, y)
+        return loss
+
+    def evaluate() -> float:
+        return float(np.mean([float(eval_loss_fn(box[0], x, y)) for x, y in eval_set]))
 
     sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
-    eval_at = set(common.eval_schedule(cfg))
-    result = common.RunResult("jax", name, peak_lr, cfg.steps, [], [], [])
-    result.eval_steps.append(0)
-    result.eval_loss.append(evaluate(params))
-
-    pending: list[jax.Array] = []       # losses stay on device until the next eval (no sync per step)
-    bar = tqdm(total=cfg.steps, desc=desc or f"jax   {name:8s} lr={peak_lr:.1e}", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, mininterval=0.5,
-               position=position, leave=position is None)
-    t_start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        x, y = next(sampler)
-        params, opt_state, loss = train_step(params, opt_state, x, y)
-        pending.append(loss)
-        if step == 1:
-            jax.block_until_ready(loss)
-            result.first_step_s = time.perf_counter() - t_start
-            t_start = time.perf_counter()
-        if step in eval_at:
-            losses = [float(l) for l in pending]
-            pending.clear()
-            result.train_loss.extend(losses)
-            ev = evaluate(params)
-            result.eval_steps.append(step)
-            result.eval_loss.append(ev)
-            if name.startswith("sophia"):
-                result.win_rate.append(float(opt_state[0].win_rate))
-            bar.set_postfix(train=f"{np.mean(losses):.3f}", eval=f"{ev:.3f}", refresh=False)
-            if not (np.isfinite(ev) and np.all(np.isfinite(losses))):
-                result.diverged = True
-                bar.update(step - bar.n)
-                break
-        bar.update(1)
-    result.wall_s = time.perf_counter() - t_start
-    bar.close()
-    return result
+    return common.run_training(
+        common.RunResult("jax", name, peak_lr, cfg.steps, [], [], []), cfg, sampler, step, evaluate,
+        win_rate=(lambda: float(box[1][0].win_rate)) if name.startswith("sophia") else None,
+        sync=jax.block_until_ready, desc=desc or f"jax   {name:8s} lr={peak_lr:.1e}",
+        progress=progress, position=position)

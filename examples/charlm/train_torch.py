@@ -11,13 +11,9 @@ stepped once per update. Sophia is used the way its seed documents it:
 
 from __future__ import annotations
 
-import sys
-import time
-
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from . import common, data, model_torch
 
@@ -81,38 +77,11 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
         sched.step()
         return loss.detach()
 
-    sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
-    eval_at = set(common.eval_schedule(cfg))
-    result = common.RunResult("torch", name, peak_lr, cfg.steps, [], [], [])
-    result.eval_steps.append(0)
-    result.eval_loss.append(evaluate())
+    def step(x, y):
+        return train_step(torch.from_numpy(x).long(), torch.from_numpy(y).long())
 
-    pending: list[torch.Tensor] = []
-    bar = tqdm(total=cfg.steps, desc=desc or f"torch {name:8s} lr={peak_lr:.1e}", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, mininterval=0.5,
-               position=position, leave=position is None)
-    t_start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        x, y = next(sampler)
-        pending.append(train_step(torch.from_numpy(x).long(), torch.from_numpy(y).long()))
-        if step == 1:
-            result.first_step_s = time.perf_counter() - t_start
-            t_start = time.perf_counter()
-        if step in eval_at:
-            losses = [float(l) for l in pending]
-            pending.clear()
-            result.train_loss.extend(losses)
-            ev = evaluate()
-            result.eval_steps.append(step)
-            result.eval_loss.append(ev)
-            if name.startswith("sophia"):
-                result.win_rate.append(float(opt.win_rate))
-            bar.set_postfix(train=f"{np.mean(losses):.3f}", eval=f"{ev:.3f}", refresh=False)
-            if not (np.isfinite(ev) and np.all(np.isfinite(losses))):
-                result.diverged = True
-                bar.update(step - bar.n)
-                break
-        bar.update(1)
-    result.wall_s = time.perf_counter() - t_start
-    bar.close()
-    return result
+    sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
+    return common.run_training(
+        common.RunResult("torch", name, peak_lr, cfg.steps, [], [], []), cfg, sampler, step, evaluate,
+        win_rate=(lambda: float(opt.win_rate)) if name.startswith("sophia") else None,
+        desc=desc or f"torch {name:8s} lr={peak_lr:.1e}", progress=progress, position=position)
