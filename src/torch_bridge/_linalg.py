@@ -109,7 +109,8 @@ def refresh_basis(gg: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
     p = gg @ q
     estimates = (q * p).sum(dim=0)
     idx = torch.argsort(estimates, descending=True)
-    new_q, _ = torch.linalg.qr(p.index_select(1, idx))
+    # Q alone (LAPACK geqrf + orgqr): torch.linalg.qr would also build R (a triu copy) that is unused.
+    new_q = torch.linalg.householder_product(*torch.geqrf(p.index_select(1, idx)))
     # A NaN or inf anywhere makes the sum non-finite (a finite Q has entries of magnitude <= 1).
     finite = torch.isfinite(new_q.sum())
     if new_q.device.type == "cpu":  # reading the flag costs nothing here: skip the fallback copy

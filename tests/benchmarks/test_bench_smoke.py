@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,3 +58,22 @@ def test_harness_runs_quick(tmp_path):
         for e in sec:
             if e["status"] == "ok":
                 assert e["median_ms"] > 0 and e["n"] >= 10 and e["n"] % e["cycle"] == 0
+
+
+def test_qr_report_counts_the_refresh_qrs(tmp_path):
+    """bench_qr.py times exactly the QRs that the flop floor's refresh term counts, and writes its report."""
+    spec = importlib.util.spec_from_file_location("bench_qr", REPO / "benchmarks" / "bench_qr.py")
+    qr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qr)
+    shapes = _bench_module().make_workload("tiny")["shapes"]
+    dims = qr.refresh_qr_dims(shapes)
+    assert dims and all(d > 0 for d in dims)
+    # the refresh term of the floor = power iteration (2 d³) + QR ((8/3) d³) per factor + the rotation
+    rotation = sum(4 * math.prod(s) * sum(_bench_module().soap_preconditioned_dims(s)[0]) for s in shapes)
+    refresh = _bench_module().soap_flops(shapes)["refresh_flops"]
+    assert sum(qr.qr_flops(d) + 2 * d**3 for d in dims) + rotation == pytest.approx(refresh)
+
+    qr.main(["--workload", "tiny", "--reps", "1", "--out-dir", str(tmp_path)])
+    (report,) = tmp_path.glob("qr-*-tiny.md")
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| JAX") or line.startswith("| torch")]
+    assert len(rows) >= 2 and all(float(row.split("|")[2]) > 0 for row in rows)

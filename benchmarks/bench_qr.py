@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+r"""The QR decompositions of one SOAP refresh, against their flop count at the matmul rate.
+
+A SOAP refresh orthogonalizes one ``d × d`` power-iteration product per preconditioned dimension
+(``so_optax`` and ``torch_bridge`` use the LAPACK Householder QR of their framework). The flop floor
+of ``bench_step.py`` counts each QR as ``(8/3)·d³`` flops at the measured matmul rate; this script
+measures how far the QRs themselves are from that, on the benchmark workload::
+
+    python benchmarks/bench_qr.py            # ~1 min on a 2-core CPU
+    python benchmarks/bench_qr.py --reps 3
+
+For every framework it times (i) all the workload's QRs issued together, as a refresh issues them
+(one jitted function in JAX; a Python loop in torch), and (ii) one ``d × d`` QR and one ``d × d × d``
+matmul for each distinct ``d``. JAX runs twice: as installed, and with its LAPACK (scipy's OpenBLAS)
+limited to one thread with ``threadpoolctl``. The report is printed and written to
+``benchmarks/results/qr-<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_step as B  # noqa: E402
+
+
+def qr_flops(d: int) -> float:
+    """Householder QR of a ``d × d`` matrix with Q formed (geqrf + orgqr): ``2 × (4/3)·d³``."""
+    return 8.0 / 3.0 * d**3
+
+
+def refresh_qr_dims(shapes) -> list[int]:
+    """The sizes of the factors a SOAP refresh orthogonalizes, one entry per factor."""
+    return [d for s in shapes for d in B.soap_preconditioned_dims(s)[0]]
+
+
+def best_ms(fn: Callable[[], None], reps: int) -> float:
+    """Median of ``reps`` timed calls after one warm-up call, in ms."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def jax_timers(dims: list[int]) -> dict[str, Callable[[], None]]:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    rng = jax.random.split(jax.random.PRNGKey(0), len(dims))
+    mats = [jax.random.normal(k, (d, d), jnp.float32) for k, d in zip(rng, dims)]
+    all_qr = jax.jit(lambda ms: [jnp.linalg.qr(m)[0] for m in ms])
+    one_qr = jax.jit(lambda m: jnp.linalg.qr(m)[0])
+    matmul = jax.jit(lambda a: a @ a)
+    timers = {"all": lambda: jax.block_until_ready(all_qr(mats))}
+    for d in sorted(set(dims)):
+        m = mats[dims.index(d)]
+        timers[f"qr{d}"] = lambda m=m: jax.block_until_ready(one_qr(m))
+        timers[f"mm{d}"] = lambda m=m: jax.block_until_ready(matmul(m))
+    return timers
+
+
+def torch_timers(dims: list[int]) -> dict[str, Callable[[], None]]:
+    import torch  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(d, d, generator=gen) for d in dims]
+
+    def qr(m):
+        return torch.linalg.householder_product(*torch.geqrf(m))  # as torch_bridge does
+
+    timers = {"all": lambda: [qr(m) for m in mats]}
+    for d in sorted(set(dims)):
+        m = mats[dims.index(d)]
+        timers[f"qr{d}"] = lambda m=m: qr(m)
+        timers[f"mm{d}"] = lambda m=m: m @ m
+    return timers
+
+
+def measure(timers: dict[str, Callable[[], None]], dims: list[int], reps: int) -> dict:
+    ms = {name: best_ms(fn, reps) for name, fn in timers.items()}
+    per_dim = []
+    for d, count in sorted(collections.Counter(dims).items()):
+        rate = 2.0 * d**3 / (ms[f"mm{d}"] * 1e-3)
+        per_dim.append(dict(d=d, count=count, qr_ms=ms[f"qr{d}"], matmul_gflops=rate / 1e9,
+                            qr_at_matmul_rate_ms=qr_flops(d) / rate * 1e3))
+    floor = sum(p["count"] * p["qr_at_matmul_rate_ms"] for p in per_dim)
+    return dict(all_ms=ms["all"], floor_ms=floor, per_dim=per_dim)
+
+
+def render(results: dict[str, dict], dims: list[int]) -> str:
+    total_gflop = sum(qr_flops(d) for d in dims) / 1e9
+    lines = [
+        f"# SOAP refresh QRs — {B._machine()}",
+        "",
+        f"- command: `python benchmarks/bench_qr.py` ({time.strftime('%Y-%m-%d %H:%M:%S')})",
+        f"- {len(dims)} QRs per refresh (d = {', '.join(f'{d}×{c}' for d, c in sorted(collections.Counter(dims).items()))}), "
+        f"{total_gflop:.1f} GFLOP counted as (8/3)·d³ each",
+        "- *at matmul rate*: each QR's flops at the rate of a d×d×d matmul measured in the same framework",
+        "",
+        "| framework | all QRs of a refresh, ms | at matmul rate, ms | × |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['all_ms']:.1f} | {r['floor_ms']:.1f} | {r['all_ms'] / r['floor_ms']:.2f} |")
+    lines += ["", "One QR of each size, ms (× its flops at the d×d×d matmul rate):", "",
+              "| d | count | " + " | ".join(results) + " |", "|---:|---:|" + "---:|" * len(results)]
+    for i, p in enumerate(next(iter(results.values()))["per_dim"]):
+        cells = [f"{r['per_dim'][i]['qr_ms']:.1f} ({r['per_dim'][i]['qr_ms'] / r['per_dim'][i]['qr_at_matmul_rate_ms']:.1f}×)"
+                 for r in results.values()]
+        lines.append(f"| {p['d']} | {p['count']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
+    p.add_argument("--workload", choices=("gpt", "tiny"), default="gpt")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+
+    dims = refresh_qr_dims(B.make_workload(args.workload)["shapes"])
+    results = {}
+    B._status("JAX QRs (LAPACK as installed)")
+    jax_t = jax_timers(dims)
+    results["JAX, LAPACK as installed"] = measure(jax_t, dims, args.reps)
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    except ImportError:
+        B._status("threadpoolctl is not installed: the one-thread JAX row is skipped")
+    else:
+        B._status("JAX QRs (LAPACK at one thread)")
+        with threadpool_limits(1, user_api="blas"):  # after jax_timers: jaxlib's LAPACK is loaded
+            results["JAX, LAPACK at 1 thread"] = measure(jax_t, dims, args.reps)
+    B._status("torch QRs")
+    results["torch"] = measure(torch_timers(dims), dims, args.reps)
+
+    report = render(results, dims)
+    print(report)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import jax  # noqa: PLC0415
+
+    name = f"qr-{jax.default_backend()}-{os.cpu_count()}core" + ("-tiny" if args.workload == "tiny" else "")
+    (out / f"{name}.md").write_text(report)
+    B._status(f"wrote {out / name}.md")
+
+
+if __name__ == "__main__":
+    main()
