@@ -6,7 +6,7 @@ A SOAP refresh orthogonalizes one ``d × d`` power-iteration product per precond
 of ``bench_step.py`` counts each QR as ``(8/3)·d³`` flops at the measured matmul rate; this script
 measures how far the QRs themselves are from that, on the benchmark workload::
 
-    python benchmarks/bench_qr.py            # ~1 min on a 2-core CPU
+    python benchmarks/bench_qr.py            # ~30 s on a 2-core CPU
     python benchmarks/bench_qr.py --reps 3
 
 For every framework it times (i) all the workload's QRs issued together, as a refresh issues them
@@ -41,7 +41,7 @@ def refresh_qr_dims(shapes) -> list[int]:
     return [d for s in shapes for d in B.soap_preconditioned_dims(s)[0]]
 
 
-def best_ms(fn: Callable[[], None], reps: int) -> float:
+def median_ms(fn: Callable[[], None], reps: int) -> float:
     """Median of ``reps`` timed calls after one warm-up call, in ms."""
     fn()
     times = []
@@ -87,7 +87,7 @@ def torch_timers(dims: list[int]) -> dict[str, Callable[[], None]]:
 
 
 def measure(timers: dict[str, Callable[[], None]], dims: list[int], reps: int) -> dict:
-    ms = {name: best_ms(fn, reps) for name, fn in timers.items()}
+    ms = {name: median_ms(fn, reps) for name, fn in timers.items()}
     per_dim = []
     for d, count in sorted(collections.Counter(dims).items()):
         rate = 2.0 * d**3 / (ms[f"mm{d}"] * 1e-3)
