@@ -10,8 +10,8 @@ measures how far the QRs themselves are from that, on the benchmark workload::
     python benchmarks/bench_qr.py --reps 3
 
 For every framework it times (i) all the workload's QRs issued together, as a refresh issues them
-(one jitted function in JAX; a Python loop in torch), and (ii) one ``d × d`` QR and one ``d × d × d``
-matmul for each distinct ``d``. JAX runs twice: as installed, and with its LAPACK (scipy's OpenBLAS)
+(one jitted function in JAX; a Python loop in torch), and (ii) one ``d × d`` QR for each distinct
+``d``, and measures the ``d × d × d`` matmul rates with ``bench_step``'s matmul-rate timer. JAX runs twice: as installed, and with its LAPACK (scipy's OpenBLAS)
 limited to one thread with ``threadpoolctl``. The report is printed and written to
 ``benchmarks/results/qr-<device>.md``.
 """
@@ -60,12 +60,10 @@ def jax_timers(dims: list[int]) -> dict[str, Callable[[], None]]:
     mats = [jax.random.normal(k, (d, d), jnp.float32) for k, d in zip(rng, dims)]
     all_qr = jax.jit(lambda ms: [jnp.linalg.qr(m)[0] for m in ms])
     one_qr = jax.jit(lambda m: jnp.linalg.qr(m)[0])
-    matmul = jax.jit(lambda a: a @ a)
     timers = {"all": lambda: jax.block_until_ready(all_qr(mats))}
     for d in sorted(set(dims)):
         m = mats[dims.index(d)]
         timers[f"qr{d}"] = lambda m=m: jax.block_until_ready(one_qr(m))
-        timers[f"mm{d}"] = lambda m=m: jax.block_until_ready(matmul(m))
     return timers
 
 
@@ -82,17 +80,19 @@ def torch_timers(dims: list[int]) -> dict[str, Callable[[], None]]:
     for d in sorted(set(dims)):
         m = mats[dims.index(d)]
         timers[f"qr{d}"] = lambda m=m: qr(m)
-        timers[f"mm{d}"] = lambda m=m: m @ m
     return timers
 
 
-def measure(timers: dict[str, Callable[[], None]], dims: list[int], reps: int) -> dict:
+def measure(timers: dict[str, Callable[[], None]], matmul_rate: Callable, dims: list[int], reps: int) -> dict:
+    """QR timings, and each size's QR flops at the d×d×d matmul rate ``matmul_rate`` measures
+    (``bench_step.jax_matmul_rate`` or ``torch_matmul_rate``)."""
     ms = {name: median_ms(fn, reps) for name, fn in timers.items()}
+    counts = sorted(collections.Counter(dims).items())
+    rates = matmul_rate({(d, d, d): count for d, count in counts}, reps)["per_shape"]
     per_dim = []
-    for d, count in sorted(collections.Counter(dims).items()):
-        rate = 2.0 * d**3 / (ms[f"mm{d}"] * 1e-3)
-        per_dim.append(dict(d=d, count=count, qr_ms=ms[f"qr{d}"], matmul_gflops=rate / 1e9,
-                            qr_at_matmul_rate_ms=qr_flops(d) / rate * 1e3))
+    for (d, count), rate in zip(counts, rates):
+        per_dim.append(dict(d=d, count=count, qr_ms=ms[f"qr{d}"], matmul_gflops=rate["gflops"],
+                            qr_at_matmul_rate_ms=qr_flops(d) / (rate["gflops"] * 1e9) * 1e3))
     floor = sum(p["count"] * p["qr_at_matmul_rate_ms"] for p in per_dim)
     return dict(all_ms=ms["all"], floor_ms=floor, per_dim=per_dim)
 
@@ -132,17 +132,17 @@ def main(argv=None) -> None:
     results = {}
     B._status("JAX QRs (LAPACK as installed)")
     jax_t = jax_timers(dims)
-    results["JAX, LAPACK as installed"] = measure(jax_t, dims, args.reps)
+    results["JAX, LAPACK as installed"] = measure(jax_t, B.jax_matmul_rate, dims, args.reps)
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415
     except ImportError:
         B._status("threadpoolctl is not installed: the one-thread JAX row is skipped")
     else:
         B._status("JAX QRs (LAPACK at one thread)")
-        with threadpool_limits(1, user_api="blas"):  # after jax_timers: jaxlib's LAPACK is loaded
-            results["JAX, LAPACK at 1 thread"] = measure(jax_t, dims, args.reps)
+        with threadpool_limits(1, user_api="blas"):  # jaxlib's LAPACK is loaded by the first row's QRs
+            results["JAX, LAPACK at 1 thread"] = measure(jax_t, B.jax_matmul_rate, dims, args.reps)
     B._status("torch QRs")
-    results["torch"] = measure(torch_timers(dims), dims, args.reps)
+    results["torch"] = measure(torch_timers(dims), B.torch_matmul_rate, dims, args.reps)
 
     report = render(results, dims)
     print(report)

@@ -805,7 +805,7 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> dict[str, Any]:
     _status("matmul rate (torch) ...")
     rates["torch"] = torch_matmul_rate(mix, reps)
     _status(f"matmul rate (torch): {rates['torch']['rate_gflops']:.1f} GFLOP/s on SOAP's matmul mix")
-    floors = {fw: flops["amortized_flops"] / (r["rate_gflops"] * 1e9) * 1e3 for fw, r in rates.items()}
+    floors = _floors_ms(flops, rates)
 
     soap_kw = dict(betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01, precondition_frequency=f,
                    max_precond_dim=10000, merge_dims=False, precondition_1d=False)
@@ -868,10 +868,14 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> dict[str, Any]:
     _status("matmul rates, second measurement ...")
     for fw, measure in (("jax", jax_matmul_rate), ("torch", torch_matmul_rate)):
         rates[fw] = _best_rates(rates[fw], measure(mix, reps))
-    S.soap_info["floors_ms"] = {fw: flops["amortized_flops"] / (r["rate_gflops"] * 1e9) * 1e3
-                                for fw, r in rates.items()}
+    S.soap_info["floors_ms"] = _floors_ms(flops, rates)
     _soap_floors(S)
     return S.soap_info
+
+
+def _floors_ms(flops: dict[str, float], rates: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each framework's SOAP flop floor, ms per step: amortized flops / its matmul rate on the mix."""
+    return {fw: flops["amortized_flops"] / (r["rate_gflops"] * 1e9) * 1e3 for fw, r in rates.items()}
 
 
 def _soap_floors(S: Suite) -> None:
