@@ -32,6 +32,7 @@ Reference:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -259,22 +260,30 @@ def _soap_transform(
                 )
             )
 
-        # The Adam step in the current bases runs on every call (on the first call its moments and
-        # direction are discarded below); the basis changes run in place (``_control.run_if``).
-        moved = []
-        for o in stacked:
-            dtype = o["g"].dtype
-            one = jnp.ones([], dtype)
-            beta1, beta2, epsilon = cast(b1, dtype), cast(b2, dtype), cast(eps, dtype)
-            gp = jax.vmap(_linalg.project)(o["g"], o["bases"])
-            m = beta1 * o["m"] + (one - beta1) * gp
-            v = beta2 * o["v"] + (one - beta2) * jnp.square(gp)
-            u = jax.vmap(_linalg.project_back)(m / (jnp.sqrt(v) + epsilon), o["bases"])
-            if normalize_grads:
-                axes = tuple(range(1, u.ndim))
-                rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
-                u = u / (cast(1e-30, dtype) + rms)
-            moved.append(dict(m=jnp.where(first, o["m"], m), v=jnp.where(first, o["v"], v), u=u))
+        # Each call runs exactly one of three in-place branches (``_control.run_if``): the first
+        # call builds the bases; a refresh call takes the Adam step in the current bases and then
+        # refreshes them; any other call takes the Adam step alone. The direction ``u`` is carried
+        # through the branches (zero on the first call). Taking the Adam step inside the branches
+        # rather than before them lets XLA update the moments and bases in their donated buffers:
+        # a basis read outside a loop that rewrites it is copied on every call. ``v`` is carried
+        # flat, which keeps it row-major through the loops (the refresh's permutation along an axis
+        # otherwise makes XLA pick a transposed loop layout and transpose ``v`` on every call).
+        def adam_fn(carry):
+            out = []
+            for o, c in zip(stacked, carry):
+                dtype = o["g"].dtype
+                one = jnp.ones([], dtype)
+                beta1, beta2, epsilon = cast(b1, dtype), cast(b2, dtype), cast(eps, dtype)
+                gp = jax.vmap(_linalg.project)(o["g"], c["bases"])
+                m = beta1 * c["m"] + (one - beta1) * gp
+                v = beta2 * c["v"].reshape(gp.shape) + (one - beta2) * jnp.square(gp)
+                u = jax.vmap(_linalg.project_back)(m / (jnp.sqrt(v) + epsilon), c["bases"])
+                if normalize_grads:
+                    axes = tuple(range(1, u.ndim))
+                    rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
+                    u = u / (cast(1e-30, dtype) + rms)
+                out.append(dict(c, m=m, v=v.reshape(c["v"].shape), u=u))
+            return out
 
         def first_fn(carry):  # the factors get their eigenbases
             out = []
@@ -285,18 +294,23 @@ def _soap_transform(
 
         def refresh_fn(carry):
             out = []
-            for o, c in zip(stacked, carry):
+            for o, c in zip(stacked, adam_fn(carry)):
                 if all(q is None for q in c["bases"]):
                     out.append(c)
                     continue
-                new_bases, m, v = _refresh(o["factors"], c["bases"], c["m"], c["v"])
-                out.append(dict(m=m, v=v, bases=new_bases))
+                v = c["v"].reshape(c["m"].shape)
+                new_bases, m, v = _refresh(o["factors"], c["bases"], c["m"], v)
+                out.append(dict(c, m=m, v=v.reshape(c["v"].shape), bases=new_bases))
             return out
 
-        carry = [dict(m=mv["m"], v=mv["v"], bases=o["bases"]) for o, mv in zip(stacked, moved)]
+        carry = []
+        for o in stacked:
+            v_flat = o["v"].reshape(len(o["v"]), math.prod(o["v"].shape[1:]))
+            carry.append(dict(m=o["m"], v=v_flat, bases=o["bases"], u=jnp.zeros_like(o["g"])))
         carry = _control.run_if(first, first_fn, carry)
         carry = _control.run_if(refresh, refresh_fn, carry)
-        results = [dict(c, u=mv["u"]) for c, mv in zip(carry, moved)]
+        carry = _control.run_if(~first & ~refresh, adam_fn, carry)
+        results = [dict(c, v=c["v"].reshape(c["m"].shape)) for c in carry]
 
         new_exp_avg, new_exp_avg_sq = [None] * n, [None] * n
         new_factors, new_bases, directions = [None] * n, [None] * n, [None] * n
@@ -316,7 +330,7 @@ def _soap_transform(
                 new_exp_avg_sq[k] = res["v"][j]
                 new_factors[k] = tuple(None if f is None else f[j] for f in ops["factors"])
                 new_bases[k] = tuple(None if q is None else q[j] for q in res["bases"])
-                d = jnp.where(first, jnp.zeros([], dtype), scale * _from_work(res["u"][j], layout))
+                d = scale * _from_work(res["u"][j], layout)  # u is zero on the first call
                 out_dtype = grads[k].dtype
                 if params is not None:
                     out_dtype = jnp.asarray(param_leaves[k]).dtype

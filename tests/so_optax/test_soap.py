@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import chex
@@ -230,6 +231,32 @@ def test_decompositions_only_on_first_call_and_refresh_steps():
             c not in seen and c != entry and under_loop(c, seen + (name,)) for c in callers[name])
 
     assert all(under_loop(name) for name in found), found
+
+
+def test_donated_step_does_not_copy_the_state():
+    """Outside its loops, a donated step copies no more than the zeros it starts the direction from.
+
+    Reading a basis before a loop that rewrites it, or a loop layout that differs from the state's,
+    makes XLA copy (or transpose) the moments and bases on every call; with them in place the only
+    copies left in the entry computation are the zero-filled direction buffers (one per parameter).
+    """
+    params = {"w": jnp.ones((160, 200)), "b": jnp.ones((200,))}  # not stacked: factors > 128
+    opt = optax.chain(so_optax.soap(precondition_frequency=3), optax.scale(-0.1))
+    state = opt.init(params)
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    comps, entry = _computations(hlo)
+    copy_op = re.compile(r"= f32\[([\d,]*)\]\S* (?:copy\(|fusion\(.*calls=%\w*copy)")
+    copied = [math.prod(int(d) for d in m.group(1).split(",") if d) * 4
+              for line in comps[entry] if (m := copy_op.search(line))]
+    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert state_bytes > 4 * param_bytes
+    assert sum(copied) <= param_bytes, (copied, param_bytes)
 
 
 def test_state_mirrors_params_and_leaves_are_independent(trajectory):
