@@ -199,9 +199,8 @@ def _computations(hlo_text):
     return comps, entry
 
 
-def test_decompositions_only_on_first_call_and_refresh_steps():
-    """eigh/QR must stay inside the run-once/refresh loops: never hoisted into every step."""
-    params = {"w": jnp.ones((6, 5)), "b": jnp.ones((6,)), "k": jnp.ones((3, 4, 5))}
+def _donated_step_hlo(params):
+    """Compiled HLO text of a jitted SOAP training step with donated params and state, and the state."""
     opt = optax.chain(so_optax.soap(precondition_frequency=3), optax.scale(-0.1))
     state = opt.init(params)
 
@@ -209,8 +208,13 @@ def test_decompositions_only_on_first_call_and_refresh_steps():
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
-    comps, entry = _computations(hlo)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text(), state
+
+
+def test_decompositions_only_on_first_call_and_refresh_steps():
+    """eigh/QR must stay inside the run-once/refresh loops: never hoisted into every step."""
+    params = {"w": jnp.ones((6, 5)), "b": jnp.ones((6,)), "k": jnp.ones((3, 4, 5))}
+    comps, entry = _computations(_donated_step_hlo(params)[0])
     decomposition = ("syevd", "geqrf", "orgqr")
     found = {name for name, lines in comps.items() for l in lines if any(d in l for d in decomposition)}
     assert found, "expected LAPACK eigh/QR calls in the compiled step"
@@ -241,14 +245,7 @@ def test_donated_step_does_not_copy_the_state():
     copies left in the entry computation are the zero-filled direction buffers (one per parameter).
     """
     params = {"w": jnp.ones((160, 200)), "b": jnp.ones((200,))}  # not stacked: factors > 128
-    opt = optax.chain(so_optax.soap(precondition_frequency=3), optax.scale(-0.1))
-    state = opt.init(params)
-
-    def step(p, s, g):
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    hlo, state = _donated_step_hlo(params)
     comps, entry = _computations(hlo)
     copy_op = re.compile(r"= f32\[([\d,]*)\]\S* (?:copy\(|fusion\(.*calls=%\w*copy)")
     copied = [math.prod(int(d) for d in m.group(1).split(",") if d) * 4
