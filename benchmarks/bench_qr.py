@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import statistics
 import sys
 import time
@@ -133,10 +132,9 @@ def main(argv=None) -> None:
     B._status("JAX QRs (LAPACK as installed)")
     jax_t = jax_timers(dims)
     results["JAX, LAPACK as installed"] = measure(jax_t, B.jax_matmul_rate, dims, args.reps)
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415
-    except ImportError:
-        B._status("threadpoolctl is not installed: the one-thread JAX row is skipped")
+    threadpool_limits, why = B._import("threadpoolctl.threadpool_limits")
+    if threadpool_limits is None:
+        B._status(f"threadpoolctl unavailable ({why}): the one-thread JAX row is skipped")
     else:
         B._status("JAX QRs (LAPACK at one thread)")
         with threadpool_limits(1, user_api="blas"):  # jaxlib's LAPACK is loaded by the first row's QRs
@@ -148,9 +146,7 @@ def main(argv=None) -> None:
     print(report)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import jax  # noqa: PLC0415
-
-    name = f"qr-{jax.default_backend()}-{os.cpu_count()}core" + ("-tiny" if args.workload == "tiny" else "")
+    name = f"qr-{B.device_tag()}" + ("-tiny" if args.workload == "tiny" else "")
     (out / f"{name}.md").write_text(report)
     B._status(f"wrote {out / name}.md")
 

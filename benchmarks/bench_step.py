@@ -351,6 +351,11 @@ def _jax_backend() -> str:
     return jax.default_backend()
 
 
+def device_tag() -> str:
+    """The machine's name in result file names: JAX backend and core count, e.g. ``cpu-2core``."""
+    return f"{_jax_backend()}-{os.cpu_count()}core"
+
+
 def _quadratic(params):
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -1248,7 +1253,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.name or f"{jax.default_backend()}-{os.cpu_count()}core" + ("-quick" if args.quick else "") + (
+    name = args.name or device_tag() + ("-quick" if args.quick else "") + (
         "-tiny" if args.workload == "tiny" else "")
     notes = [
         "heavyball.SOAP runs eagerly (its torch.compile autotuning takes minutes on CPU); "
