@@ -9,11 +9,13 @@ measures how far the QRs themselves are from that, on the benchmark workload::
     python benchmarks/bench_qr.py            # ~30 s on a 2-core CPU
     python benchmarks/bench_qr.py --reps 3
 
-For every framework it times (i) all the workload's QRs issued together, as a refresh issues them
-(one jitted function in JAX; a Python loop in torch), and (ii) one ``d × d`` QR for each distinct
-``d``, and measures the ``d × d × d`` matmul rates with ``bench_step``'s matmul-rate timer. JAX runs twice: as installed, and with its LAPACK (scipy's OpenBLAS)
-limited to one thread with ``threadpoolctl``. The report is printed and written to
-``benchmarks/results/qr-<device>.md``.
+For every framework it times (i) all the workload's QRs issued together (one jitted function in
+JAX; a Python loop in torch), and (ii) one ``d × d`` QR for each distinct ``d``, and measures the
+``d × d × d`` matmul rates with ``bench_step``'s matmul-rate timer. In JAX, (i) is timed twice:
+independent, as XLA:CPU runs them (concurrently), and in the lanes a SOAP refresh runs them in
+(``so_optax._linalg.Lanes``: one at a time while LAPACK is multi-threaded). JAX runs twice: as
+installed, and with its LAPACK (scipy's OpenBLAS) limited to one thread with ``threadpoolctl``.
+The report is printed and written to ``benchmarks/results/qr-<device>.md``.
 """
 
 from __future__ import annotations
@@ -55,11 +57,21 @@ def jax_timers(dims: list[int]) -> dict[str, Callable[[], None]]:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from so_optax import _lapack_lanes, _linalg  # noqa: PLC0415
+
     rng = jax.random.split(jax.random.PRNGKey(0), len(dims))
     mats = [jax.random.normal(k, (d, d), jnp.float32) for k, d in zip(rng, dims)]
-    all_qr = jax.jit(lambda ms: [jnp.linalg.qr(m)[0] for m in ms])
+    lanes = _lapack_lanes.lane_count()  # read now: the caller may have limited LAPACK's threads
+
+    def all_qr(ms, count):
+        in_lanes = _linalg.Lanes(count)
+        return [in_lanes.run(lambda m: jnp.linalg.qr(m)[0], m) for m in ms]
+
+    independent = jax.jit(lambda ms: all_qr(ms, None))
+    in_lanes = jax.jit(lambda ms: all_qr(ms, lanes))
     one_qr = jax.jit(lambda m: jnp.linalg.qr(m)[0])
-    timers = {"all": lambda: jax.block_until_ready(all_qr(mats))}
+    timers = {"all": lambda: jax.block_until_ready(independent(mats)),
+              f"lanes:{lanes or 'unbounded'}": lambda: jax.block_until_ready(in_lanes(mats))}
     for d in sorted(set(dims)):
         m = mats[dims.index(d)]
         timers[f"qr{d}"] = lambda m=m: jax.block_until_ready(one_qr(m))
@@ -86,6 +98,7 @@ def measure(timers: dict[str, Callable[[], None]], matmul_rate: Callable, dims: 
     """QR timings, and each size's QR flops at the d×d×d matmul rate ``matmul_rate`` measures
     (``bench_step.jax_matmul_rate`` or ``torch_matmul_rate``)."""
     ms = {name: median_ms(fn, reps) for name, fn in timers.items()}
+    lanes = next((name for name in ms if name.startswith("lanes:")), None)
     counts = sorted(collections.Counter(dims).items())
     rates = matmul_rate({(d, d, d): count for d, count in counts}, reps)["per_shape"]
     per_dim = []
@@ -93,7 +106,8 @@ def measure(timers: dict[str, Callable[[], None]], matmul_rate: Callable, dims: 
         per_dim.append(dict(d=d, count=count, qr_ms=ms[f"qr{d}"], matmul_gflops=rate["gflops"],
                             qr_at_matmul_rate_ms=qr_flops(d) / (rate["gflops"] * 1e9) * 1e3))
     floor = sum(p["count"] * p["qr_at_matmul_rate_ms"] for p in per_dim)
-    return dict(all_ms=ms["all"], floor_ms=floor, per_dim=per_dim)
+    return dict(all_ms=ms["all"], floor_ms=floor, per_dim=per_dim,
+                lanes=lanes and lanes.split(":")[1], lanes_ms=lanes and ms[lanes])
 
 
 def render(results: dict[str, dict], dims: list[int]) -> str:
@@ -106,11 +120,15 @@ def render(results: dict[str, dict], dims: list[int]) -> str:
         f"{total_gflop:.1f} GFLOP counted as (8/3)·d³ each",
         "- *at matmul rate*: each QR's flops at the rate of a d×d×d matmul measured in the same framework",
         "",
-        "| framework | all QRs of a refresh, ms | at matmul rate, ms | × |",
-        "|---|---:|---:|---:|",
+        "- *in so_optax's lanes*: the same QRs run as a SOAP refresh runs them (`so_optax._linalg.Lanes`);",
+        "  *lanes* is how many run at once (unbounded: as XLA schedules them)",
+        "",
+        "| framework | all QRs of a refresh, ms | at matmul rate, ms | × | in so_optax's lanes, ms | lanes |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['all_ms']:.1f} | {r['floor_ms']:.1f} | {r['all_ms'] / r['floor_ms']:.2f} |")
+        in_lanes = (f"{r['lanes_ms']:.1f} | {r['lanes']}" if r["lanes_ms"] is not None else "— | —")
+        lines.append(f"| {name} | {r['all_ms']:.1f} | {r['floor_ms']:.1f} | {r['all_ms'] / r['floor_ms']:.2f} | {in_lanes} |")
     lines += ["", "One QR of each size, ms (× its flops at the d×d×d matmul rate):", "",
               "| d | count | " + " | ".join(results) + " |", "|---:|---:|" + "---:|" * len(results)]
     for i, p in enumerate(next(iter(results.values()))["per_dim"]):
@@ -130,15 +148,14 @@ def main(argv=None) -> None:
     dims = refresh_qr_dims(B.make_workload(args.workload)["shapes"])
     results = {}
     B._status("JAX QRs (LAPACK as installed)")
-    jax_t = jax_timers(dims)
-    results["JAX, LAPACK as installed"] = measure(jax_t, B.jax_matmul_rate, dims, args.reps)
+    results["JAX, LAPACK as installed"] = measure(jax_timers(dims), B.jax_matmul_rate, dims, args.reps)
     threadpool_limits, why = B._import("threadpoolctl.threadpool_limits")
     if threadpool_limits is None:
         B._status(f"threadpoolctl unavailable ({why}): the one-thread JAX row is skipped")
     else:
         B._status("JAX QRs (LAPACK at one thread)")
         with threadpool_limits(1, user_api="blas"):  # jaxlib's LAPACK is loaded by the first row's QRs
-            results["JAX, LAPACK at 1 thread"] = measure(jax_t, B.jax_matmul_rate, dims, args.reps)
+            results["JAX, LAPACK at 1 thread"] = measure(jax_timers(dims), B.jax_matmul_rate, dims, args.reps)
     B._status("torch QRs")
     results["torch"] = measure(torch_timers(dims), B.torch_matmul_rate, dims, args.reps)
 

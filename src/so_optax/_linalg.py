@@ -14,7 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,18 +70,73 @@ def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 
 
-def eigh_descending(mat: jax.Array, fallback: jax.Array) -> jax.Array:
+def after(x: jax.Array, previous: Optional[jax.Array]) -> jax.Array:
+    """``x`` unchanged, but not computable before ``previous`` (``None``: no constraint).
+
+    The values are kept bit for bit (signed zeros, infinities and NaNs included), except that
+    XLA:CPU flushes subnormals to zero, as in any floating-point op it runs.
+
+    ``lax.optimization_barrier`` orders XLA's schedule but not XLA:CPU's concurrent executor, so
+    this is a data dependency: ``x · (1 + 0·s)`` with ``s`` a finite scalar read from ``previous``.
+    XLA does not fold a floating-point product with zero; ``1 + 0·s`` is exactly one, and a
+    non-finite ``previous`` cannot leak into ``x``.
+    """
+    if previous is None:
+        return x
+    s = jnp.nan_to_num(previous.ravel()[0]).astype(x.dtype)
+    return x * (1 + 0 * s)
+
+
+class Lanes:
+    """Runs decompositions in ``count`` sequences: each one starts after the last one of its lane.
+
+    XLA:CPU runs independent operations concurrently, so it may run the independent LAPACK calls
+    of a computation at the same time; ``count`` bounds how many are in flight (``None``: no
+    bound; ``_lapack_lanes.lane_count`` picks it). A decomposition goes to the lane with the least
+    work so far, counted as ``d³`` for a ``d × d`` matrix. This is trace-time bookkeeping: use one
+    instance per traced computation. The results do not depend on ``count``.
+    """
+
+    def __init__(self, count: Optional[int] = None):
+        if count is not None and count < 1:
+            raise ValueError(f"count must be None or at least 1, got {count}")
+        self._last: list[Optional[jax.Array]] = [None] * (count or 0)
+        self._work = [0] * (count or 0)
+
+    def run(self, decompose: Callable[[jax.Array], jax.Array], mat: jax.Array) -> jax.Array:
+        """``decompose(mat)``, after the last decomposition of the least busy lane."""
+        if not self._work:
+            return decompose(mat)
+        lane = self._work.index(min(self._work))
+        self._work[lane] += mat.shape[-1] ** 3
+        out = decompose(after(mat, self._last[lane]))
+        self._last[lane] = out
+        return out
+
+
+def _eigenvectors(mat: jax.Array) -> jax.Array:
+    return jnp.linalg.eigh(mat)[1]
+
+
+def _orthonormal_factor(mat: jax.Array) -> jax.Array:
+    return jnp.linalg.qr(mat)[0]
+
+
+def eigh_descending(mat: jax.Array, fallback: jax.Array, lanes: Optional[Lanes] = None) -> jax.Array:
     """Eigenvectors of the symmetric ``mat`` as columns, by descending eigenvalue.
 
-    ``mat`` is decomposed in its own dtype (float32 or wider). If the decomposition is not finite
-    (an ill-conditioned or non-finite factor), ``fallback`` is returned instead.
+    ``mat`` is decomposed in its own dtype (float32 or wider), in ``lanes`` if given. If the
+    decomposition is not finite (an ill-conditioned or non-finite factor), ``fallback`` is returned
+    instead.
     """
-    _, vecs = jnp.linalg.eigh(mat)
+    vecs = (lanes or Lanes()).run(_eigenvectors, mat)
     vecs = vecs[:, ::-1]
     return jnp.where(_all_finite(vecs), vecs, fallback.astype(vecs.dtype))
 
 
-def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+def power_iteration_refresh(
+    factor: jax.Array, basis: jax.Array, lanes: Optional[Lanes] = None
+) -> tuple[jax.Array, jax.Array]:
     """One step of subspace (power) iteration with QR, the cheap SOAP eigenbasis refresh.
 
     With ``P = F Q`` the estimated eigenvalues are ``diag(Qᵀ F Q) = sum(Q ⊙ P, axis=0)`` (no second
@@ -90,6 +145,7 @@ def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Ar
     Args:
       factor: the symmetric factor ``F`` (``(d, d)``).
       basis: the current basis ``Q`` (``(d, d)``).
+      lanes: the :class:`Lanes` the QR runs in (default: its own).
 
     Returns:
       ``(new_basis, order)``: ``order`` is the permutation applied to the columns, which callers
@@ -99,7 +155,7 @@ def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Ar
     p = factor @ basis
     estimates = jnp.sum(basis * p, axis=0)
     order = jnp.argsort(estimates, descending=True)
-    q_new, _ = jnp.linalg.qr(p[:, order])
+    q_new = (lanes or Lanes()).run(_orthonormal_factor, p[:, order])
     sorted_old = basis[:, order]
     return jnp.where(_all_finite(q_new), q_new, sorted_old), order
 
@@ -107,17 +163,19 @@ def power_iteration_refresh(factor: jax.Array, basis: jax.Array) -> tuple[jax.Ar
 # Batched forms. XLA:CPU runs jaxlib's batched LAPACK kernels (eigh, QR) by fanning the batch out
 # over the intra-op thread pool and blocking a pool thread until it is done; two such calls in
 # flight at once (e.g. inside a conditional or loop, on a 2-core machine) can deadlock. The
-# batched helpers below therefore issue one unbatched decomposition per matrix (the matmuls around
-# them stay batched where it matters); on accelerators the cost is the same number of solver
-# launches.
+# batched helpers below therefore issue one unbatched decomposition per matrix, in ``lanes`` (the
+# matmuls around them stay batched where it matters); on accelerators the cost is the same number
+# of solver launches.
 
 
-def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array) -> jax.Array:
+def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array, lanes: Optional[Lanes] = None) -> jax.Array:
     """:func:`eigh_descending` over a leading batch axis (one decomposition per matrix)."""
-    return jnp.stack([eigh_descending(mats[b], fallbacks[b]) for b in range(mats.shape[0])])
+    return jnp.stack([eigh_descending(mats[b], fallbacks[b], lanes) for b in range(mats.shape[0])])
 
 
-def stacked_power_iteration_refresh(factors: jax.Array, bases: jax.Array) -> tuple[jax.Array, jax.Array]:
+def stacked_power_iteration_refresh(
+    factors: jax.Array, bases: jax.Array, lanes: Optional[Lanes] = None
+) -> tuple[jax.Array, jax.Array]:
     """:func:`power_iteration_refresh` over a leading batch axis: ``(new_bases, orders)``."""
-    outs = [power_iteration_refresh(factors[b], bases[b]) for b in range(factors.shape[0])]
+    outs = [power_iteration_refresh(factors[b], bases[b], lanes) for b in range(factors.shape[0])]
     return jnp.stack([q for q, _ in outs]), jnp.stack([o for _, o in outs])

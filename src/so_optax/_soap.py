@@ -43,7 +43,7 @@ import optax
 
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative
-from so_optax import _control, _linalg
+from so_optax import _control, _lapack_lanes, _linalg
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -108,13 +108,15 @@ def _from_work(x: jax.Array, layout: SoapLayout) -> jax.Array:
     return x
 
 
-def _init_bases(factors, bases):
-    """First call: eigenbases of the stacked factors (descending); identity dims stay ``None``."""
-    return tuple(None if f is None else _linalg.stacked_eigh_descending(f, q) for f, q in zip(factors, bases))
+def _init_bases(factors, bases, lanes):
+    """First call: eigenbases of the stacked factors (descending, decomposed in ``lanes``);
+    identity dims stay ``None``."""
+    return tuple(None if f is None else _linalg.stacked_eigh_descending(f, q, lanes) for f, q in zip(factors, bases))
 
 
-def _refresh(factors, bases, exp_avg, exp_avg_sq):
-    """Refresh of a stack of tensors: power iteration + QR per factor, permute ``v``, rotate ``m``.
+def _refresh(factors, bases, exp_avg, exp_avg_sq, lanes):
+    """Refresh of a stack of tensors: power iteration + QR (in ``lanes``) per factor, permute ``v``,
+    rotate ``m``.
 
     ``exp_avg`` is taken back to the original coordinates with the old bases and projected onto the
     new ones; ``exp_avg_sq`` is permuted along each axis with the order of the refreshed basis.
@@ -125,7 +127,7 @@ def _refresh(factors, bases, exp_avg, exp_avg_sq):
         if q is None:
             new_bases.append(None)
             continue
-        q, order = _linalg.stacked_power_iteration_refresh(f, q)
+        q, order = _linalg.stacked_power_iteration_refresh(f, q, lanes)
         exp_avg_sq = jax.vmap(lambda x, o, a=axis: jnp.take(x, o, axis=a))(exp_avg_sq, order)
         new_bases.append(q)
     new_bases = tuple(new_bases)
@@ -285,21 +287,24 @@ def _soap_transform(
                 out.append(dict(c, m=m, v=v.reshape(c["v"].shape), u=u))
             return out
 
+        #
+        # The eigh/QR calls of all stacks share one ``_linalg.Lanes``: on a CPU, as many run at once
+        # as LAPACK's threads leave cores for (``_lapack_lanes``).
         def first_fn(carry):  # the factors get their eigenbases
-            out = []
+            out, lanes = [], _linalg.Lanes(_lapack_lanes.lane_count())
             for o, c in zip(stacked, carry):
                 factors = _control.tied_to(o["factors"], c["bases"])
-                out.append(dict(c, bases=_init_bases(factors, c["bases"])))
+                out.append(dict(c, bases=_init_bases(factors, c["bases"], lanes)))
             return out
 
         def refresh_fn(carry):
-            out = []
+            out, lanes = [], _linalg.Lanes(_lapack_lanes.lane_count())
             for o, c in zip(stacked, adam_fn(carry)):
                 if all(q is None for q in c["bases"]):
                     out.append(c)
                     continue
                 v = c["v"].reshape(c["m"].shape)
-                new_bases, m, v = _refresh(o["factors"], c["bases"], c["m"], v)
+                new_bases, m, v = _refresh(o["factors"], c["bases"], c["m"], v, lanes)
                 out.append(dict(c, m=m, v=v.reshape(c["v"].shape), bases=new_bases))
             return out
 

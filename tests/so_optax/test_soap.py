@@ -14,7 +14,8 @@ import pytest
 
 import so_optax
 from so_common.soap_layout import soap_layout
-from so_optax import _linalg
+from so_optax import _lapack_lanes, _linalg
+from tests.so_optax.hlo_text import computations
 
 
 def _grads(shapes, step, dtype=jnp.float32):
@@ -186,19 +187,6 @@ def test_no_recompilation_across_refresh_cycles(trajectory):
     chex.assert_trees_all_equal_dtypes(trajectory["states"][1], trajectory["states"][-1])
 
 
-def _computations(hlo_text):
-    """Compiled HLO text split into {computation name: its lines}, plus the entry's name."""
-    comps, cur, entry = {}, None, None
-    for line in hlo_text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            cur = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            comps[cur] = []
-            entry = cur if line.startswith("ENTRY") else entry
-        elif cur is not None:
-            comps[cur].append(line)
-    return comps, entry
-
-
 def _donated_step_hlo(params):
     """Compiled HLO text of a jitted SOAP training step with donated params and state, and the state."""
     opt = optax.chain(so_optax.soap(precondition_frequency=3), optax.scale(-0.1))
@@ -214,7 +202,7 @@ def _donated_step_hlo(params):
 def test_decompositions_only_on_first_call_and_refresh_steps():
     """eigh/QR must stay inside the run-once/refresh loops: never hoisted into every step."""
     params = {"w": jnp.ones((6, 5)), "b": jnp.ones((6,)), "k": jnp.ones((3, 4, 5))}
-    comps, entry = _computations(_donated_step_hlo(params)[0])
+    comps, entry = computations(_donated_step_hlo(params)[0])
     decomposition = ("syevd", "geqrf", "orgqr")
     found = {name for name, lines in comps.items() for l in lines if any(d in l for d in decomposition)}
     assert found, "expected LAPACK eigh/QR calls in the compiled step"
@@ -246,7 +234,7 @@ def test_donated_step_does_not_copy_the_state():
     """
     params = {"w": jnp.ones((160, 200)), "b": jnp.ones((200,))}  # not stacked: factors > 128
     hlo, state = _donated_step_hlo(params)
-    comps, entry = _computations(hlo)
+    comps, entry = computations(hlo)
     copy_op = re.compile(r"= f32\[([\d,]*)\]\S* (?:copy\(|fusion\(.*calls=%\w*copy)")
     copied = [math.prod(int(d) for d in m.group(1).split(",") if d) * 4
               for line in comps[entry] if (m := copy_op.search(line))]
@@ -282,6 +270,23 @@ def test_jit_matches_no_jit():
         u_eager, s_eager = opt.update(g, s_eager, params)
         chex.assert_trees_all_close(u_jit, u_eager, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(s_jit, s_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_decomposition_lanes_do_not_change_the_results(monkeypatch):
+    """How many eigh/QR run at once (one, two, or as XLA likes) changes neither directions nor state."""
+    shapes = {"w": (6, 5), "w2": (6, 5), "k": (3, 4, 5), "big": (150, 7)}  # stacked, 3-D, unstacked
+    params = {k: jnp.full(s, 0.5) for k, s in shapes.items()}
+    opt = so_optax.soap(precondition_frequency=2)
+    runs = []
+    for count in (None, 1, 2):
+        monkeypatch.setattr(_lapack_lanes, "lane_count", lambda c=count: c)
+        update, state, run = jax.jit(opt.update), opt.init(params), []
+        for call in range(5):  # the first call, then refreshes on the 2nd and 4th Adam steps
+            u, state = update(_grads(shapes, call), state, params)
+            run.append(u)
+        runs.append((run, state))
+    for run in runs[1:]:
+        jax.tree.map(np.testing.assert_array_equal, run, runs[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""How many LAPACK decompositions an XLA:CPU computation should run at once.
+
+XLA:CPU runs the independent operations of a computation concurrently on its thread pool, one
+thread per core. jaxlib's CPU ``eigh`` and ``qr`` call the LAPACK that scipy ships, OpenBLAS,
+which by default runs one thread per core as well. Two decompositions in flight then keep twice as
+many threads busy as there are cores, and OpenBLAS's threads, which wait for one another inside
+each call, lose their turns on the cores. So while LAPACK is multi-threaded, SOAP runs its
+decompositions in ``cores // lapack_threads`` sequences (``_linalg.Lanes``): one at a time on a
+machine whose OpenBLAS uses every core, as installed. With LAPACK limited to one thread
+(``OPENBLAS_NUM_THREADS=1``, or ``threadpoolctl.threadpool_limits(1, "blas")``) XLA schedules them
+freely, which is fastest then.
+
+Measured on a 2-core CPU (``benchmarks/bench_qr.py``, the 36 QRs of one refresh of the benchmark
+workload): as installed, 0.60 s one at a time against 1.42 s as XLA schedules them; with OpenBLAS
+at one thread, 0.47–0.57 s as XLA schedules them, and slower in two fixed sequences once the
+power-iteration matmuls are in the same computation (0.78–0.82 s against 0.64–0.78 s). The
+in-between case (more cores than LAPACK threads, LAPACK threads above one) follows the same
+arithmetic but was not measured here.
+
+The count is read when the step is traced: a step traced before LAPACK's thread count changes keeps
+the old count (its results do not depend on it, only its speed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def lapack_threads(default: int) -> int:
+    """The thread count of the BLAS behind scipy's LAPACK, or ``default`` if it cannot be read.
+
+    Read with threadpoolctl: the largest count among the loaded OpenBLAS libraries, or among all
+    BLAS libraries if none is OpenBLAS.
+    """
+    import scipy.linalg.cython_lapack  # noqa: F401, PLC0415  (loads the LAPACK jaxlib calls)
+
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415
+    except ImportError:
+        return default
+    blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    openblas = [info for info in blas if info.get("internal_api") == "openblas"]
+    return max((info["num_threads"] for info in openblas or blas), default=default)
+
+
+def lane_count() -> Optional[int]:
+    """How many decompositions to run at once: no bound (``None``) off CPU or with a one-thread
+    LAPACK, else ``cores // lapack_threads``."""
+    if jax.default_backend() != "cpu":
+        return None
+    cores = _cores()
+    threads = lapack_threads(default=cores)
+    return None if threads <= 1 else max(1, cores // threads)
