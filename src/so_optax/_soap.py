@@ -287,7 +287,6 @@ def _soap_transform(
                 out.append(dict(c, m=m, v=v.reshape(c["v"].shape), u=u))
             return out
 
-        #
         # The eigh/QR calls of all stacks share one ``_linalg.Lanes``: on a CPU, as many run at once
         # as LAPACK's threads leave cores for (``_lapack_lanes``).
         def first_fn(carry):  # the factors get their eigenbases

@@ -40,6 +40,57 @@ def test_shared_workload_matches_the_benchmark_gpt():
     assert wl["model_ok"] and len(wl["shapes"]) == len(_bench_module().gpt_shapes(**wl["cfg"]))
 
 
+def test_rounds_are_round_robin_with_the_hook_first_and_keep_the_best():
+    """Suite.flush: ``before_round`` (where the SOAP table measures its floors' matmul rates) runs at the start
+    of every round, the benchmarks run round-robin after it, and each keeps its lowest amortized round."""
+    from types import SimpleNamespace
+
+    b = _bench_module()
+    S = b.Suite(SimpleNamespace(rounds=3, filter=None, timeout=60))
+    log, times = [], {"A": iter([5.0, 3.0, 4.0]), "B": iter([2.0, 2.5, 1.0])}
+
+    def bench(name):
+        def fn():
+            log.append(name)
+            t = next(times[name])
+            return dict(median_ms=t, amortized_ms=t)
+        return fn
+
+    S.run("sec", "A", "jax", "ours", bench("A"))
+    S.run("sec", "B", "torch", "peer", bench("B"))
+    S.flush(before_round=lambda r: log.append(f"hook{r}"))
+    assert log == ["hook0", "A", "B", "hook1", "A", "B", "hook2", "A", "B"]
+    best = {e["name"]: e["amortized_ms"] for e in S.results["sec"]}
+    assert best == {"A": 3.0, "B": 1.0}
+    assert [len(e["rounds"]) for e in S.results["sec"]] == [3, 3]
+
+
+def test_floor_uses_the_fastest_matmul_measurement_of_each_shape():
+    """The matmul rate behind the floor is the fastest of all the run's measurements, shape by shape, as each
+    row keeps its fastest round; every measurement's mix rate is recorded."""
+    from types import SimpleNamespace
+
+    b = _bench_module()
+    mix = {(2, 2, 2): 1, (4, 4, 4): 1}
+    gflop = b.mix_flops(mix) / 1e9
+
+    def measured(ms_small, ms_big):  # one measurement of both frameworks, per-shape times in ms
+        per = [dict(shape=[2, 2, 2], count=1, ms=ms_small, gflops=0.0),
+               dict(shape=[4, 4, 4], count=1, ms=ms_big, gflops=0.0)]
+        rep = b._rate_report(per, gflop)
+        return {"jax": rep, "torch": rep}
+
+    flops = dict(amortized_flops=gflop * 1e9)
+    info = b._soap_info(flops, mix, [measured(1.0, 4.0), measured(2.0, 3.0), measured(8.0, 8.0)])
+    assert info["floors_ms"]["jax"] == pytest.approx(1.0 + 3.0)  # the floor's flops are exactly the mix's
+    assert [m["torch"] for m in info["measured_gflops"]] == pytest.approx([gflop / t for t in (5e-3, 5e-3, 16e-3)])
+    S = b.Suite(SimpleNamespace(rounds=2, filter=None, timeout=60))
+    S.soap_info = info
+    S.results["soap"] = [dict(name="ours", framework="jax", algo="soap", status="ok", amortized_ms=6.0)]
+    b._soap_floors(S)
+    assert S.results["soap"][0]["x_floor"] == pytest.approx(6.0 / 4.0)
+
+
 def test_harness_runs_quick(tmp_path):
     cmd = [sys.executable, str(BENCH), "--quick", "--workload", "tiny", "--steps", "2", "--batch", "1",
            "--threads", "1", "--filter", "adamw,grad eval", "--name", "smoke", "--out-dir", str(tmp_path)]
