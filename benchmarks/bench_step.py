@@ -795,7 +795,7 @@ def _need(what: str):
     return obj
 
 
-def suite_soap(S: Suite, wl, steps: int, reps: int) -> dict[str, Any]:
+def suite_soap(S: Suite, wl, steps: int, reps: int) -> None:
     import optax  # noqa: PLC0415
 
     f = 10
@@ -876,8 +876,6 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> dict[str, Any]:
         S.run(sec, _SOAP_JAX_LAPACK1, "jax", "ours", ours_jax_lapack_1thread, algo="soap")
     S.flush(before_round=measure_rates)
     measure_rates()
-    _soap_floors(S)
-    return S.soap_info
 
 
 def _floors_ms(flops: dict[str, float], rates: dict[str, dict[str, Any]]) -> dict[str, float]:
