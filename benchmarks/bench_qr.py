@@ -159,13 +159,7 @@ def main(argv=None) -> None:
     B._status("torch QRs")
     results["torch"] = measure(torch_timers(dims), B.torch_matmul_rate, dims, args.reps)
 
-    report = render(results, dims)
-    print(report)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"qr-{B.device_tag()}" + ("-tiny" if args.workload == "tiny" else "")
-    (out / f"{name}.md").write_text(report)
-    B._status(f"wrote {out / name}.md")
+    B.publish_diagnostic(render(results, dims), args.out_dir, "qr", args.workload)
 
 
 if __name__ == "__main__":

@@ -356,6 +356,17 @@ def device_tag() -> str:
     return f"{_jax_backend()}-{os.cpu_count()}core"
 
 
+def publish_diagnostic(report: str, out_dir: str, prefix: str, workload: str) -> Path:
+    """Prints a diagnostic script's markdown report and writes it to ``<out_dir>/<prefix>-<device>[-tiny].md``."""
+    print(report)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (f"{prefix}-{device_tag()}" + ("-tiny" if workload == "tiny" else "") + ".md")
+    path.write_text(report)
+    _status(f"wrote {path}")
+    return path
+
+
 def _quadratic(params):
     import jax.numpy as jnp  # noqa: PLC0415
 

@@ -128,3 +128,25 @@ def test_qr_report_counts_the_refresh_qrs(tmp_path):
     (report,) = tmp_path.glob("qr-*-tiny.md")
     rows = [line for line in report.read_text().splitlines() if line.startswith("| JAX") or line.startswith("| torch")]
     assert len(rows) >= 2 and all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_profile_shows_decompositions_only_in_the_refresh_step(tmp_path):
+    """profile_soap.py: in both frameworks the refresh step runs one QR per preconditioned dimension and the
+    regular step none (and no eigh); the report is written."""
+    spec = importlib.util.spec_from_file_location("profile_soap", REPO / "benchmarks" / "profile_soap.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    shapes = _bench_module().make_workload("tiny")["shapes"]
+    n_factors = sum(len(_bench_module().soap_preconditioned_dims(s)[0]) for s in shapes)
+
+    results = prof.main(["--workload", "tiny", "--out-dir", str(tmp_path)])
+    (jax_refresh, jax_regular), (torch_refresh, torch_regular) = results.values()
+    assert jax_refresh["count"].get("geqrf") == jax_refresh["count"].get("householder_product") == n_factors
+    assert torch_refresh["count"].get("geqrf", 0) >= n_factors
+    assert torch_refresh["count"].get("linalg_householder_product", 0) >= n_factors
+    for regular in (jax_regular, torch_regular):
+        assert regular["wall_ms"] > 0 and sum(regular["ms"].values()) > 0
+        assert not {"geqrf", "householder_product", "linalg_householder_product", "eigh", "linalg_eigh"} & {
+            k for k, c in regular["count"].items() if c}
+    (report,) = tmp_path.glob("profile-*-tiny.md")
+    assert report.read_text().count("| **all** |") == 2
