@@ -3,7 +3,7 @@ r"""Step time and optimizer-state memory of so-optax against the optimizers a us
 
 One command, one process, one machine (run it from the repository root)::
 
-    python benchmarks/bench_step.py                 # full run (about 14 min on a 2-core CPU)
+    python benchmarks/bench_step.py                 # full run (14–19 min on a 2-core CPU)
     python benchmarks/bench_step.py --quick         # a few steps of everything (smoke run)
     python benchmarks/bench_step.py --only soap     # or --only sophia;  --steps N  sets the step count
 
@@ -96,6 +96,12 @@ REPO = HERE.parent
 SHARED_BENCH = REPO.parent / "shared" / "bench"
 GRAD_SETS = 4
 FACTOR_SEED = 0
+# The SOAP table's settings (the seed's hyperparameters), shared with the diagnostic scripts.
+SOAP_FREQUENCY = 10
+SOAP_OPTIONS = dict(betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01,
+                    precondition_frequency=SOAP_FREQUENCY, max_precond_dim=10000, merge_dims=False,
+                    precondition_1d=False)
+SOAP_LR = 3e-3
 
 # ------------------------------------------------------------------------------------------- setup
 
@@ -809,7 +815,7 @@ def _need(what: str):
 def suite_soap(S: Suite, wl, steps: int, reps: int) -> None:
     import optax  # noqa: PLC0415
 
-    f = 10
+    f = SOAP_FREQUENCY
     shapes = wl["shapes"]
     n_steps, n_warm = round_up(steps, f), f + 2
     n_cheap = round_up(5 * steps, f)
@@ -829,9 +835,7 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> None:
         measurements.append(m)
         S.soap_info = _soap_info(flops, mix, measurements)
 
-    soap_kw = dict(betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01, precondition_frequency=f,
-                   max_precond_dim=10000, merge_dims=False, precondition_1d=False)
-    lr = 3e-3
+    soap_kw, lr = SOAP_OPTIONS, SOAP_LR
 
     def ours_jax(desc="so_optax.soap"):
         soap = _need("so_optax.soap")

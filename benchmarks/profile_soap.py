@@ -36,10 +36,9 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step as B  # noqa: E402
 
-FREQUENCY = 10
-SOAP_OPTIONS = dict(betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01,
-                    precondition_frequency=FREQUENCY)
-LR = 3e-3
+# Calls before the profiled refresh: the first call builds the bases; call c refreshes when c is a positive
+# multiple of the refresh frequency (in both frameworks), so call WARM_CALLS is a refresh.
+WARM_CALLS = 2 * B.SOAP_FREQUENCY
 
 # Trace events of XLA:CPU's operations are named after their HLO instruction ("geqrf.354"); control-flow
 # instructions enclose other operations and are not counted.
@@ -83,7 +82,7 @@ def profile_jax(shapes) -> list[dict[str, Any]]:
     import so_optax  # noqa: PLC0415
 
     params, grad_sets = B._jax_init(shapes)
-    tx = optax.chain(so_optax.soap(**SOAP_OPTIONS), optax.scale(-LR))
+    tx = optax.chain(so_optax.soap(**B.SOAP_OPTIONS), optax.scale(-B.SOAP_LR))
     state = jax.jit(tx.init)(params)
 
     def step(params, state, grads):
@@ -97,8 +96,7 @@ def profile_jax(shapes) -> list[dict[str, Any]]:
         box[0], box[1] = compiled(box[0], box[1], grad_sets[i % B.GRAD_SETS])
         jax.block_until_ready(box)
 
-    calls = 2 * FREQUENCY  # the first call builds the bases; call c with c % FREQUENCY == 0 refreshes
-    for i in range(calls):
+    for i in range(WARM_CALLS):
         call(i)
     labels = ("refresh step", "regular step")
     walls = []
@@ -107,7 +105,7 @@ def profile_jax(shapes) -> list[dict[str, Any]]:
         for i, label in enumerate(labels):
             with jax.profiler.TraceAnnotation(f"so-optax profile: {label}"):
                 t0 = time.perf_counter()
-                call(calls + i)
+                call(WARM_CALLS + i)
                 walls.append((time.perf_counter() - t0) * 1e3)
         jax.profiler.stop_trace()
         events = _read_trace(trace_dir)
@@ -126,7 +124,7 @@ def profile_torch(shapes) -> list[dict[str, Any]]:
     from torch_bridge import SOAP  # noqa: PLC0415
 
     params, grad_sets = B._torch_init(shapes)
-    opt = SOAP(params, lr=LR, **SOAP_OPTIONS)
+    opt = SOAP(params, lr=B.SOAP_LR, **B.SOAP_OPTIONS)
 
     @torch.no_grad()
     def call(i):
@@ -134,20 +132,20 @@ def profile_torch(shapes) -> list[dict[str, Any]]:
             p.grad = g
         opt.step()
 
-    calls = 2 * FREQUENCY  # the first call builds the bases; call c with c % FREQUENCY == 0 refreshes
-    for i in range(calls):
+    for i in range(WARM_CALLS):
         call(i)
     out = []
     for i, label in enumerate(("refresh step", "regular step")):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            call(calls + i)
+            call(WARM_CALLS + i)
             wall = (time.perf_counter() - t0) * 1e3
         ms, count = collections.Counter(), collections.Counter()
         for avg in prof.key_averages():
             if avg.key.startswith("aten::"):
-                ms[avg.key[len("aten::"):]] += avg.self_cpu_time_total / 1e3
-                count[avg.key[len("aten::"):]] += avg.count
+                op = avg.key[len("aten::"):]
+                ms[op] += avg.self_cpu_time_total / 1e3
+                count[op] += avg.count
         out.append(_profile(label, ms, count, wall))
     return out
 

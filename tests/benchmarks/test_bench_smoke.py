@@ -17,11 +17,16 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks" / "bench_step.py"
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+def _load_script(name: str):
+    """``benchmarks/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench_module():
+    return _load_script("bench_step")
 
 
 def test_soap_flop_formula():
@@ -113,9 +118,7 @@ def test_harness_runs_quick(tmp_path):
 
 def test_qr_report_counts_the_refresh_qrs(tmp_path):
     """bench_qr.py times exactly the QRs that the flop floor's refresh term counts, and writes its report."""
-    spec = importlib.util.spec_from_file_location("bench_qr", REPO / "benchmarks" / "bench_qr.py")
-    qr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qr)
+    qr = _load_script("bench_qr")
     shapes = _bench_module().make_workload("tiny")["shapes"]
     dims = qr.refresh_qr_dims(shapes)
     assert dims and all(d > 0 for d in dims)
@@ -133,9 +136,7 @@ def test_qr_report_counts_the_refresh_qrs(tmp_path):
 def test_profile_shows_decompositions_only_in_the_refresh_step(tmp_path):
     """profile_soap.py: in both frameworks the refresh step runs one QR per preconditioned dimension and the
     regular step none (and no eigh); the report is written."""
-    spec = importlib.util.spec_from_file_location("profile_soap", REPO / "benchmarks" / "profile_soap.py")
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = _load_script("profile_soap")
     shapes = _bench_module().make_workload("tiny")["shapes"]
     n_factors = sum(len(_bench_module().soap_preconditioned_dims(s)[0]) for s in shapes)
 
