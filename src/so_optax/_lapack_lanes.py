@@ -8,14 +8,19 @@ each call, lose their turns on the cores. So while LAPACK is multi-threaded, SOA
 decompositions in ``cores // lapack_threads`` sequences (``_linalg.Lanes``): one at a time on a
 machine whose OpenBLAS uses every core, as installed. With LAPACK limited to one thread
 (``OPENBLAS_NUM_THREADS=1``, or ``threadpoolctl.threadpool_limits(1, "blas")``) XLA schedules them
-freely, which is fastest then.
+freely, which is fastest then. While LAPACK is multi-threaded, a SOAP refresh also keeps its QRs
+apart from its matmuls (``Lanes.start_after``, ``Lanes.finished``): XLA's matmuls next to a LAPACK
+call that uses every core slow both down.
 
 Measured on a 2-core CPU (``benchmarks/bench_qr.py``, the 36 QRs of one refresh of the benchmark
 workload): as installed, 0.60 s one at a time against 1.42 s as XLA schedules them; with OpenBLAS
 at one thread, 0.47–0.57 s as XLA schedules them, and slower in two fixed sequences once the
-power-iteration matmuls are in the same computation (0.78–0.82 s against 0.64–0.78 s). The
-in-between case (more cores than LAPACK threads, LAPACK threads above one) follows the same
-arithmetic but was not measured here.
+power-iteration matmuls are in the same computation (0.78–0.82 s against 0.64–0.78 s). In a
+refresh step as installed, the 36 QRs took 1.0 s with XLA's matmuls running beside them and 0.59–0.77 s
+with the matmuls done first (a refresh step 1.61 s against 1.44 s, medians of 14 refresh steps
+interleaved in one process); at one thread, holding the QRs back until the matmuls are done was
+slower (1.39 s against 1.32 s). The in-between case (more cores than LAPACK threads, LAPACK
+threads above one) follows the same arithmetic but was not measured here.
 
 The count is read when the step is traced: a step traced before LAPACK's thread count changes keeps
 the old count (its results do not depend on it, only its speed).

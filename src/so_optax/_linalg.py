@@ -14,7 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -66,24 +66,27 @@ def gram(x: jax.Array, axis: int) -> jax.Array:
     return jnp.tensordot(x, x, axes=(others, others))
 
 
-def _all_finite(x: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(x))
-
-
-def after(x: jax.Array, previous: Optional[jax.Array]) -> jax.Array:
-    """``x`` unchanged, but not computable before ``previous`` (``None``: no constraint).
+def after(x: jax.Array, previous: Union[None, jax.Array, Sequence[jax.Array]]) -> jax.Array:
+    """``x`` unchanged, but not computable before ``previous`` (an array, or every array of a sequence;
+    ``None`` or an empty sequence: no constraint).
 
     The values are kept bit for bit (signed zeros, infinities and NaNs included), except that
     XLA:CPU flushes subnormals to zero, as in any floating-point op it runs.
 
     ``lax.optimization_barrier`` orders XLA's schedule but not XLA:CPU's concurrent executor, so
-    this is a data dependency: ``x · (1 + 0·s)`` with ``s`` a finite scalar read from ``previous``.
-    XLA does not fold a floating-point product with zero; ``1 + 0·s`` is exactly one, and a
-    non-finite ``previous`` cannot leak into ``x``.
+    this is a data dependency: ``x · (1 + 0·s)`` with ``s`` a finite scalar read from ``previous``
+    (the largest of one element of each array). XLA does not fold a floating-point product with
+    zero; ``1 + 0·s`` is exactly one, and a non-finite ``previous`` cannot leak into ``x``.
     """
     if previous is None:
         return x
-    s = jnp.nan_to_num(previous.ravel()[0]).astype(x.dtype)
+    if not isinstance(previous, (list, tuple)):
+        previous = [previous]
+    if not previous:
+        return x
+    # p[0, ..., 0], not p.ravel()[0]: raveling a column-major LAPACK output copies all of it
+    reads = [jnp.nan_to_num(p[(0,) * p.ndim].astype(x.dtype)) for p in previous]
+    s = reads[0] if len(reads) == 1 else jnp.max(jnp.stack(reads))
     return x * (1 + 0 * s)
 
 
@@ -93,14 +96,20 @@ class Lanes:
     XLA:CPU runs independent operations concurrently, so it may run the independent LAPACK calls
     of a computation at the same time; ``count`` bounds how many are in flight (``None``: no
     bound; ``_lapack_lanes.lane_count`` picks it). A decomposition goes to the lane with the least
-    work so far, counted as ``d³`` for a ``d × d`` matrix. This is trace-time bookkeeping: use one
-    instance per traced computation. The results do not depend on ``count``.
+    work so far, counted as ``d³`` for a ``d × d`` matrix.
+
+    Bounded lanes can also keep the decompositions apart from the rest of the computation
+    (:meth:`start_after`, :meth:`finished`): a multi-threaded LAPACK call slows down when XLA runs
+    matmuls next to it, and so do they. Unbounded lanes leave XLA's schedule free.
+
+    This is trace-time bookkeeping: use one instance per traced computation. The results do not
+    depend on ``count``.
     """
 
     def __init__(self, count: Optional[int] = None):
         if count is not None and count < 1:
             raise ValueError(f"count must be None or at least 1, got {count}")
-        self._last: list[Optional[jax.Array]] = [None] * (count or 0)
+        self._waits_for: list[list[jax.Array]] = [[] for _ in range(count or 0)]
         self._work = [0] * (count or 0)
 
     def run(self, decompose: Callable[[jax.Array], jax.Array], mat: jax.Array) -> jax.Array:
@@ -109,9 +118,18 @@ class Lanes:
             return decompose(mat)
         lane = self._work.index(min(self._work))
         self._work[lane] += mat.shape[-1] ** 3
-        out = decompose(after(mat, self._last[lane]))
-        self._last[lane] = out
+        out = decompose(after(mat, self._waits_for[lane]))
+        self._waits_for[lane] = [out]
         return out
+
+    def start_after(self, arrays: Sequence[jax.Array]) -> None:
+        """Bounded lanes: the next decomposition of every lane also waits for all of ``arrays``."""
+        for waits_for in self._waits_for:
+            waits_for.extend(arrays)
+
+    def finished(self, x: jax.Array) -> jax.Array:
+        """Bounded lanes: ``x``, not computable before the last decomposition of every lane."""
+        return after(x, [y for waits_for in self._waits_for for y in waits_for])
 
 
 def _eigenvectors(mat: jax.Array) -> jax.Array:
@@ -122,6 +140,11 @@ def _orthonormal_factor(mat: jax.Array) -> jax.Array:
     return jnp.linalg.qr(mat)[0]
 
 
+def _finite_or(mat: jax.Array, fallback: jax.Array) -> jax.Array:
+    """``mat`` if every entry is finite, else ``fallback``."""
+    return jnp.where(jnp.all(jnp.isfinite(mat)), mat, fallback.astype(mat.dtype))
+
+
 def eigh_descending(mat: jax.Array, fallback: jax.Array, lanes: Optional[Lanes] = None) -> jax.Array:
     """Eigenvectors of the symmetric ``mat`` as columns, by descending eigenvalue.
 
@@ -130,8 +153,19 @@ def eigh_descending(mat: jax.Array, fallback: jax.Array, lanes: Optional[Lanes] 
     instead.
     """
     vecs = (lanes or Lanes()).run(_eigenvectors, mat)
-    vecs = vecs[:, ::-1]
-    return jnp.where(_all_finite(vecs), vecs, fallback.astype(vecs.dtype))
+    return _finite_or(vecs[:, ::-1], fallback)
+
+
+def power_iteration_products(factor: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The matmul half of SOAP's eigenbasis refresh: ``(P[:, order], order)`` with ``P = F Q``.
+
+    With ``P = F Q`` the estimated eigenvalues are ``diag(Qᵀ F Q) = sum(Q ⊙ P, axis=0)`` (no second
+    matmul); ``order`` sorts them in decreasing order.
+    """
+    p = factor @ basis
+    estimates = jnp.sum(basis * p, axis=0)
+    order = jnp.argsort(estimates, descending=True)
+    return p[:, order], order
 
 
 def power_iteration_refresh(
@@ -139,8 +173,8 @@ def power_iteration_refresh(
 ) -> tuple[jax.Array, jax.Array]:
     """One step of subspace (power) iteration with QR, the cheap SOAP eigenbasis refresh.
 
-    With ``P = F Q`` the estimated eigenvalues are ``diag(Qᵀ F Q) = sum(Q ⊙ P, axis=0)`` (no second
-    matmul). The columns are ordered by decreasing estimate and ``Q_new = qr(P[:, order]).Q``.
+    ``P = F Q``, ``order = argsort(diag(Qᵀ F Q), descending)``, ``Q_new = qr(P[:, order]).Q``
+    (:func:`power_iteration_products`, then the QR in ``lanes``).
 
     Args:
       factor: the symmetric factor ``F`` (``(d, d)``).
@@ -152,20 +186,16 @@ def power_iteration_refresh(
       apply to the matching axis of the second moment. If the QR result is not finite the sorted old
       basis ``Q[:, order]`` is returned (the last good basis, consistent with ``order``).
     """
-    p = factor @ basis
-    estimates = jnp.sum(basis * p, axis=0)
-    order = jnp.argsort(estimates, descending=True)
-    q_new = (lanes or Lanes()).run(_orthonormal_factor, p[:, order])
-    sorted_old = basis[:, order]
-    return jnp.where(_all_finite(q_new), q_new, sorted_old), order
+    new_bases, orders = stacked_power_iteration_refresh(factor[None], basis[None], lanes)
+    return new_bases[0], orders[0]
 
 
 # Batched forms. XLA:CPU runs jaxlib's batched LAPACK kernels (eigh, QR) by fanning the batch out
 # over the intra-op thread pool and blocking a pool thread until it is done; two such calls in
 # flight at once (e.g. inside a conditional or loop, on a 2-core machine) can deadlock. The
 # batched helpers below therefore issue one unbatched decomposition per matrix, in ``lanes`` (the
-# matmuls around them stay batched where it matters); on accelerators the cost is the same number
-# of solver launches.
+# matmuls around them stay batched); on accelerators the cost is the same number of solver
+# launches.
 
 
 def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array, lanes: Optional[Lanes] = None) -> jax.Array:
@@ -173,9 +203,28 @@ def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array, lanes: Option
     return jnp.stack([eigh_descending(mats[b], fallbacks[b], lanes) for b in range(mats.shape[0])])
 
 
+def stacked_power_iteration_products(factors: jax.Array, bases: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`power_iteration_products` over a leading batch axis, batched: ``(products, orders,
+    sorted_bases)``, ``sorted_bases[b] = bases[b][:, orders[b]]`` (the fallback of a failed QR)."""
+    products, orders = jax.vmap(power_iteration_products)(factors, bases)
+    return products, orders, jax.vmap(lambda q, o: q[:, o])(bases, orders)
+
+
+def stacked_orthonormal_factors(products: jax.Array, lanes: Lanes) -> list[jax.Array]:
+    """``qr(products[b]).Q`` for every ``b``, one decomposition per matrix, in ``lanes``."""
+    return [lanes.run(_orthonormal_factor, products[b]) for b in range(products.shape[0])]
+
+
+def stacked_finite_or(mats: Sequence[jax.Array], fallbacks: jax.Array, lanes: Lanes) -> jax.Array:
+    """``mats`` stacked, each one replaced by its ``fallbacks`` entry if it is not finite, once ``lanes``
+    have :meth:`~Lanes.finished`."""
+    return jnp.stack([_finite_or(lanes.finished(m), fallbacks[b]) for b, m in enumerate(mats)])
+
+
 def stacked_power_iteration_refresh(
     factors: jax.Array, bases: jax.Array, lanes: Optional[Lanes] = None
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`power_iteration_refresh` over a leading batch axis: ``(new_bases, orders)``."""
-    outs = [power_iteration_refresh(factors[b], bases[b], lanes) for b in range(factors.shape[0])]
-    return jnp.stack([q for q, _ in outs]), jnp.stack([o for _, o in outs])
+    lanes = lanes or Lanes()
+    products, orders, sorted_bases = stacked_power_iteration_products(factors, bases)
+    return stacked_finite_or(stacked_orthonormal_factors(products, lanes), sorted_bases, lanes), orders

@@ -114,24 +114,42 @@ def _init_bases(factors, bases, lanes):
     return tuple(None if f is None else _linalg.stacked_eigh_descending(f, q, lanes) for f, q in zip(factors, bases))
 
 
-def _refresh(factors, bases, exp_avg, exp_avg_sq, lanes):
-    """Refresh of a stack of tensors: power iteration + QR (in ``lanes``) per factor, permute ``v``,
-    rotate ``m``.
+def _refresh(stacks, factors, lanes):
+    """Refresh of every stack: power iteration + QR per factor, permute ``v``, rotate ``m``.
 
+    ``stacks`` are the stacks' carries after the Adam step (``m``, ``v`` in the work shape,
+    ``bases``, ``u``) and ``factors`` their updated factors; returns their refreshed carries.
     ``exp_avg`` is taken back to the original coordinates with the old bases and projected onto the
     new ones; ``exp_avg_sq`` is permuted along each axis with the order of the refreshed basis.
+
+    It runs in three phases over all stacks: the matmuls (``m`` back to the original coordinates,
+    the power-iteration products), the QRs in ``lanes``, then the rest. With bounded lanes (a
+    multi-threaded LAPACK on a CPU) the QRs start after every matmul of the first phase, the Adam
+    step's included, and the third phase starts after the last QR, so LAPACK has the cores to itself.
     """
-    exp_avg = jax.vmap(_linalg.project_back)(exp_avg, bases)
-    new_bases = []
-    for axis, (f, q) in enumerate(zip(factors, bases)):
-        if q is None:
-            new_bases.append(None)
-            continue
-        q, order = _linalg.stacked_power_iteration_refresh(f, q, lanes)
-        exp_avg_sq = jax.vmap(lambda x, o, a=axis: jnp.take(x, o, axis=a))(exp_avg_sq, order)
-        new_bases.append(q)
-    new_bases = tuple(new_bases)
-    return new_bases, jax.vmap(_linalg.project)(exp_avg, new_bases), exp_avg_sq
+    originals = [jax.vmap(_linalg.project_back)(c["m"], c["bases"]) for c in stacks]
+    products = [  # per axis: (sorted products, order, old basis in that order) or None
+        tuple(None if q is None else _linalg.stacked_power_iteration_products(f, q) for f, q in zip(fac, c["bases"]))
+        for fac, c in zip(factors, stacks)
+    ]
+    lanes.start_after([c["u"] for c in stacks] + originals + [ax[0] for axes in products for ax in axes if ax])
+    new_qs = [
+        tuple(None if ax is None else _linalg.stacked_orthonormal_factors(ax[0], lanes) for ax in axes)
+        for axes in products
+    ]
+    out = []
+    for c, original, axes, qs in zip(stacks, originals, products, new_qs):
+        v, new_bases = c["v"], []
+        for axis, (ax, q_new) in enumerate(zip(axes, qs)):
+            if ax is None:
+                new_bases.append(None)
+                continue
+            _, order, sorted_old = ax
+            new_bases.append(_linalg.stacked_finite_or(q_new, sorted_old, lanes))
+            v = jax.vmap(lambda x, o, a=axis: jnp.take(x, o, axis=a))(v, order)
+        new_bases = tuple(new_bases)
+        out.append(dict(c, m=jax.vmap(_linalg.project)(original, new_bases), v=v, bases=new_bases))
+    return out
 
 
 def _soap_transform(
@@ -297,14 +315,14 @@ def _soap_transform(
             return out
 
         def refresh_fn(carry):
-            out, lanes = [], _linalg.Lanes(_lapack_lanes.lane_count())
-            for o, c in zip(stacked, adam_fn(carry)):
-                if all(q is None for q in c["bases"]):
-                    out.append(c)
-                    continue
-                v = c["v"].reshape(c["m"].shape)
-                new_bases, m, v = _refresh(o["factors"], c["bases"], c["m"], v, lanes)
-                out.append(dict(c, m=m, v=v.reshape(c["v"].shape), bases=new_bases))
+            lanes = _linalg.Lanes(_lapack_lanes.lane_count())
+            stepped = adam_fn(carry)
+            todo = [k for k, c in enumerate(stepped) if any(q is not None for q in c["bases"])]
+            stacks = [dict(stepped[k], v=stepped[k]["v"].reshape(stepped[k]["m"].shape)) for k in todo]
+            refreshed = _refresh(stacks, [stacked[k]["factors"] for k in todo], lanes)
+            out = list(stepped)
+            for k, c in zip(todo, refreshed):
+                out[k] = dict(c, v=c["v"].reshape(stepped[k]["v"].shape))
             return out
 
         carry = []

@@ -37,3 +37,21 @@ def ancestors(insts: dict[str, tuple[str, set[str]]], name: str) -> set[str]:
             seen.add(n)
             todo.extend(insts[n][1])
     return seen
+
+
+def matmuls(comps: dict[str, list[str]], insts: dict[str, tuple[str, set[str]]]) -> list[str]:
+    """The instructions of ``insts`` that multiply matrices: a ``dot``, or a fusion of one (XLA:CPU
+    wraps its matmuls in fusions, e.g. ``ynn_fusion``)."""
+    with_dot = {name for name, lines in comps.items() if any(" dot(" in line for line in lines)}
+
+    def calls_dot(rhs: str) -> bool:
+        called = re.search(r"calls=%([\w.\-]+)", rhs)
+        return called is not None and called.group(1) in with_dot
+
+    return [name for name, (rhs, _) in insts.items() if " dot(" in rhs or (" fusion(" in rhs and calls_dot(rhs))]
+
+
+def custom_calls(insts: dict[str, tuple[str, set[str]]], target: str) -> list[str]:
+    """The custom calls of ``insts`` whose target contains ``target`` after a prefix (``geqrf`` finds
+    ``lapack_sgeqrf_ffi``)."""
+    return [name for name, (rhs, _) in insts.items() if re.search(rf'custom_call_target="\w*{target}', rhs)]

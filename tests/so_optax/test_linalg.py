@@ -2,23 +2,52 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from so_optax import _lapack_lanes, _linalg
-from tests.so_optax.hlo_text import ancestors, computations, instructions
+from tests.so_optax.hlo_text import ancestors, computations, custom_calls, instructions, matmuls
 
 
 def test_after_is_the_identity_bit_for_bit():
     # subnormals are left out: XLA:CPU flushes them to zero in every floating-point op
     x = jnp.array([-0.0, 0.0, 1.5, -2.25, 1e-37, jnp.inf, -jnp.inf, jnp.nan], jnp.float32)
-    for previous in (jnp.array([jnp.nan]), jnp.array([jnp.inf, 1.0]), jnp.array([-jnp.inf]), jnp.array([-5.0])):
+    singles = (jnp.array([jnp.nan]), jnp.array([jnp.inf, 1.0]), jnp.array([-jnp.inf]), jnp.array([-5.0]))
+    for previous in singles + (list(singles), [jnp.array([3.4e38]), jnp.array([3.4e38])], []):
         out = jax.jit(_linalg.after)(x, previous)
         np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
+
+
+def _isolation(count):
+    """A compiled computation with a matmul, two QRs in ``Lanes(count)`` started after it, and an eigh
+    of a matrix that must wait for the lanes to finish: (QRs that wait for the matmul, QRs the eigh
+    waits for)."""
+
+    def f(x, ys, w):
+        lanes = _linalg.Lanes(count)
+        product = x @ x
+        lanes.start_after([product])
+        qs = [lanes.run(_linalg._orthonormal_factor, y) for y in ys]
+        return product, qs, jnp.linalg.eigh(lanes.finished(w))[1]
+
+    x = jnp.eye(8) * 2
+    comps, entry = computations(jax.jit(f).lower(x, [x + 1, x + 2], x).compile().as_text())
+    insts = instructions(comps[entry])
+    (dot,) = matmuls(comps, insts)
+    qrs, (eigh,) = custom_calls(insts, "geqrf"), custom_calls(insts, "syevd")
+    assert len(qrs) == 2
+    return sum(dot in ancestors(insts, q) for q in qrs), sum(q in ancestors(insts, eigh) for q in qrs)
+
+
+def test_bounded_lanes_run_their_decompositions_apart():
+    assert _isolation(1) == (2, 2)
+    assert _isolation(2) == (2, 2)
+
+
+def test_unbounded_lanes_leave_the_schedule_free():
+    assert _isolation(None) == (0, 0)
 
 
 def _qr_dependencies(lanes, n=4, d=8):
@@ -30,7 +59,7 @@ def _qr_dependencies(lanes, n=4, d=8):
     refresh = jax.jit(lambda f, q: _linalg.stacked_power_iteration_refresh(f, q, _linalg.Lanes(lanes)))
     comps, entry = computations(refresh.lower(factors, bases).compile().as_text())
     insts = instructions(comps[entry])
-    qrs = [name for name, (rhs, _) in insts.items() if re.search(r"custom_call_target=\"\w*geqrf", rhs)]
+    qrs = custom_calls(insts, "geqrf")
     assert len(qrs) == n
     return sorted(len(ancestors(insts, q) & set(qrs)) for q in qrs)
 

@@ -15,7 +15,7 @@ import pytest
 import so_optax
 from so_common.soap_layout import soap_layout
 from so_optax import _lapack_lanes, _linalg
-from tests.so_optax.hlo_text import computations
+from tests.so_optax.hlo_text import ancestors, computations, custom_calls, instructions, matmuls
 
 
 def _grads(shapes, step, dtype=jnp.float32):
@@ -197,6 +197,28 @@ def _donated_step_hlo(params):
         return optax.apply_updates(p, u), s
 
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text(), state
+
+
+def _unordered_matmul_qr_pairs(monkeypatch, lanes):
+    """In the compiled refresh of a SOAP step whose decompositions run in ``lanes``: how many
+    (matmul, QR) pairs have no data dependency either way (XLA:CPU may run them at once)."""
+    monkeypatch.setattr(_lapack_lanes, "lane_count", lambda: lanes)
+    params = {"w": jnp.ones((6, 5)), "b": jnp.ones((6,)), "k": jnp.ones((3, 4, 5))}
+    comps, _ = computations(_donated_step_hlo(params)[0])
+    (refresh,) = [lines for lines in comps.values() if any("geqrf" in line for line in lines)]
+    insts = instructions(refresh)
+    qrs = custom_calls(insts, "geqrf")
+    products = matmuls(comps, insts)
+    assert len(qrs) == 5 and products
+    before = {q: ancestors(insts, q) for q in qrs}
+    return sum(m not in before[q] and q not in ancestors(insts, m) for q in qrs for m in products)
+
+
+def test_refresh_runs_its_qrs_apart_from_its_matmuls_in_bounded_lanes(monkeypatch):
+    """With a multi-threaded LAPACK (bounded lanes), the refresh's QRs start after every matmul they
+    do not feed and end before every other one: LAPACK has the cores to itself."""
+    assert _unordered_matmul_qr_pairs(monkeypatch, 1) == 0
+    assert _unordered_matmul_qr_pairs(monkeypatch, None) > 0  # unbounded lanes leave XLA free
 
 
 def test_decompositions_only_on_first_call_and_refresh_steps():
