@@ -16,7 +16,7 @@ Measured on a 2-core CPU (``benchmarks/bench_qr.py``, the 36 QRs of one refresh 
 workload): as installed, 0.60 s one at a time against 1.42 s as XLA schedules them; with OpenBLAS
 at one thread, 0.47–0.57 s as XLA schedules them, and slower in two fixed sequences once the
 power-iteration matmuls are in the same computation (0.78–0.82 s against 0.64–0.78 s). In a
-refresh step as installed, the 36 QRs took 1.0 s with XLA's matmuls running beside them and 0.59–0.77 s
+refresh step as installed, the 36 QRs took 1.0 s with XLA's matmuls running beside them and 0.59–0.76 s
 with the matmuls done first (a refresh step 1.61 s against 1.44 s, medians of 14 refresh steps
 interleaved in one process); at one thread, holding the QRs back until the matmuls are done was
 slower (1.39 s against 1.32 s). The in-between case (more cores than LAPACK threads, LAPACK
