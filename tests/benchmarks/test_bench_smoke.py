@@ -3,6 +3,7 @@ report. No timing assertions; the timed figures come from a full run on a quiet 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -25,7 +26,9 @@ def _load_script(name: str):
     return mod
 
 
+@functools.lru_cache(maxsize=None)
 def _bench_module():
+    """``bench_step`` loaded once: the tests only call its pure helpers."""
     return _load_script("bench_step")
 
 

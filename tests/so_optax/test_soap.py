@@ -210,8 +210,8 @@ def _unordered_matmul_qr_pairs(monkeypatch, lanes):
     qrs = custom_calls(insts, "geqrf")
     products = matmuls(comps, insts)
     assert len(qrs) == 5 and products
-    before = {q: ancestors(insts, q) for q in qrs}
-    return sum(m not in before[q] and q not in ancestors(insts, m) for q in qrs for m in products)
+    before = {name: ancestors(insts, name) for name in qrs + products}
+    return sum(m not in before[q] and q not in before[m] for q in qrs for m in products)
 
 
 def test_refresh_runs_its_qrs_apart_from_its_matmuls_in_bounded_lanes(monkeypatch):
