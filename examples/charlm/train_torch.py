@@ -3,8 +3,10 @@
 The schedule is a ``LambdaLR`` over ``common.lr_multiplier`` (the same numbers as the JAX schedule),
 stepped once per update. Sophia is used the way its seed documents it:
 
-* Sophia-G: ``loss.backward(retain_graph=True); opt.step(logits=logits)`` (the optimizer samples
-  labels from ``softmax(logits)`` on its Hessian-refresh steps);
+* Sophia-G: ``loss.backward(retain_graph=opt.refreshes_next_step()); opt.step(logits=logits)`` (the
+  optimizer samples labels from ``softmax(logits)`` on its Hessian-refresh steps and backpropagates
+  through the logits again, so only the backward before a refresh keeps the graph; the seed's
+  ``retain_graph=True`` makes the same steps, slower);
 * Sophia-H: ``opt.step(closure)`` with a closure that only computes and returns the loss (the
   optimizer differentiates it, twice on refresh steps).
 """
@@ -69,7 +71,7 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
             logits = model(x)
             loss = cross_entropy(logits, y)
             if name == "sophia-g":
-                loss.backward(retain_graph=True)
+                loss.backward(retain_graph=opt.refreshes_next_step())
                 opt.step(logits=logits)
             else:
                 loss.backward()

@@ -132,7 +132,8 @@ def gnb_hessian_diagonal(
             if _is_freed_graph_error(err):
                 raise RuntimeError(
                     "Sophia (gnb): the autograd graph behind `logits` was already freed. Call "
-                    "loss.backward(retain_graph=True) before optimizer.step(logits=logits) so that the "
+                    "loss.backward(retain_graph=True) before optimizer.step(logits=logits) (or "
+                    "retain_graph=optimizer.refreshes_next_step(), True before this step) so that the "
                     "Gauss-Newton-Bartlett estimate can backpropagate through the logits a second time."
                 ) from err
             raise

@@ -48,9 +48,9 @@ def test_shared_workload_matches_the_benchmark_gpt():
     assert wl["model_ok"] and len(wl["shapes"]) == len(_bench_module().gpt_shapes(**wl["cfg"]))
 
 
-def test_rounds_are_round_robin_with_the_hook_first_and_keep_the_best():
-    """Suite.flush: ``before_round`` (where the SOAP table measures its floors' matmul rates) runs at the start
-    of every round, the benchmarks run round-robin after it, and each keeps its lowest amortized round."""
+def test_rounds_are_round_robin_and_keep_the_best():
+    """Suite.flush: the benchmarks run round-robin, each keeps its lowest amortized round (with that round's
+    floor), and every round's figures are recorded."""
     from types import SimpleNamespace
 
     b = _bench_module()
@@ -61,42 +61,69 @@ def test_rounds_are_round_robin_with_the_hook_first_and_keep_the_best():
         def fn():
             log.append(name)
             t = next(times[name])
-            return dict(median_ms=t, amortized_ms=t)
+            return dict(median_ms=t, amortized_ms=t, floor_ms=t / 2)
         return fn
 
     S.run("sec", "A", "jax", "ours", bench("A"))
     S.run("sec", "B", "torch", "peer", bench("B"))
-    S.flush(before_round=lambda r: log.append(f"hook{r}"))
-    assert log == ["hook0", "A", "B", "hook1", "A", "B", "hook2", "A", "B"]
-    best = {e["name"]: e["amortized_ms"] for e in S.results["sec"]}
-    assert best == {"A": 3.0, "B": 1.0}
-    assert [len(e["rounds"]) for e in S.results["sec"]] == [3, 3]
+    S.flush()
+    assert log == ["A", "B"] * 3
+    best = {e["name"]: (e["amortized_ms"], e["floor_ms"]) for e in S.results["sec"]}
+    assert best == {"A": (3.0, 1.5), "B": (1.0, 0.5)}
+    assert [r["floor_ms"] for r in S.results["sec"][0]["rounds"]] == [2.5, 1.5, 2.0]
 
 
-def test_floor_uses_the_fastest_matmul_measurement_of_each_shape():
-    """The matmul rate behind the floor is the fastest of all the run's measurements, shape by shape, as each
-    row keeps its fastest round; every measurement's mix rate is recorded."""
+def _rate(b, gflop, ms_small, ms_big):
+    """A matmul-rate report of the two-shape mix below, from its per-shape times in ms."""
+    per = [dict(shape=[2, 2, 2], count=1, ms=ms_small, gflops=0.0),
+           dict(shape=[4, 4, 4], count=1, ms=ms_big, gflops=0.0)]
+    return b._rate_report(per, gflop)
+
+
+def test_each_row_is_floored_by_the_rates_around_its_window_and_the_run_by_its_fastest():
+    """A SOAP row's floor comes from the matmul rates measured right before and right after its timed window
+    (the faster of the two, shape by shape); the run floor from the fastest of all measurements, shape by
+    shape; every measurement's mix rate is recorded."""
     from types import SimpleNamespace
 
     b = _bench_module()
     mix = {(2, 2, 2): 1, (4, 4, 4): 1}
     gflop = b.mix_flops(mix) / 1e9
+    flops = dict(amortized_flops=gflop * 1e9)  # the floor's flops are exactly the mix's: floor = mix time
 
-    def measured(ms_small, ms_big):  # one measurement of both frameworks, per-shape times in ms
-        per = [dict(shape=[2, 2, 2], count=1, ms=ms_small, gflops=0.0),
-               dict(shape=[4, 4, 4], count=1, ms=ms_big, gflops=0.0)]
-        rep = b._rate_report(per, gflop)
-        return {"jax": rep, "torch": rep}
+    ticks = []
+    window = [_rate(b, gflop, 2.0, 5.0), _rate(b, gflop, 3.0, 4.0)]
 
-    flops = dict(amortized_flops=gflop * 1e9)
-    info = b._soap_info(flops, mix, [measured(1.0, 4.0), measured(2.0, 3.0), measured(8.0, 8.0)])
-    assert info["floors_ms"]["jax"] == pytest.approx(1.0 + 3.0)  # the floor's flops are exactly the mix's
-    assert [m["torch"] for m in info["measured_gflops"]] == pytest.approx([gflop / t for t in (5e-3, 5e-3, 16e-3)])
-    S = b.Suite(SimpleNamespace(rounds=2, filter=None, timeout=60))
+    def bench(around_window):
+        around_window()
+        ticks.append("steps")
+        around_window()
+        return dict(median_ms=9.0, amortized_ms=12.0)
+
+    measured = iter(window)
+    res = bench(around_window=lambda: ticks.append(next(measured)))
+    res.update(b._window_floor(flops, ticks[::2]))
+    assert ticks[1] == "steps" and res["floor_ms"] == pytest.approx(2.0 + 4.0)
+    assert res["window_gflops"] == pytest.approx([gflop / 7e-3, gflop / 7e-3])
+
+    runs = [_rate(b, gflop, 1.0, 8.0), *window, _rate(b, gflop, 8.0, 8.0)]
+    info = b._soap_info(flops, mix, {"jax": runs, "torch": runs[-1:]})
+    assert info["floors_ms"]["jax"] == pytest.approx(1.0 + 4.0) and info["floors_ms"]["torch"] == pytest.approx(16.0)
+    assert info["measured_gflops"]["jax"] == pytest.approx([gflop / t for t in (9e-3, 7e-3, 7e-3, 16e-3)])
+    S = b.Suite(SimpleNamespace(rounds=1, filter=None, timeout=60))
     S.soap_info = info
-    S.results["soap"] = [dict(name="ours", framework="jax", algo="soap", status="ok", amortized_ms=6.0)]
+    S.results["soap"] = [dict(name="ours", framework="jax", algo="soap", status="ok", **res)]
     b._soap_floors(S)
-    assert S.results["soap"][0]["x_floor"] == pytest.approx(6.0 / 4.0)
+    row = S.results["soap"][0]
+    assert row["x_floor"] == pytest.approx(12.0 / 6.0) and row["x_run_floor"] == pytest.approx(12.0 / 5.0)
+
+
+def test_timed_loop_measures_around_the_window_only():
+    """``around_window`` runs after the warm-up, right before the first measured step, and after the last."""
+    b = _bench_module()
+    log = []
+    times = b.timed_loop("t", 2, 3, lambda i: log.append(i), around_window=lambda: log.append("|"))
+    assert log == [0, 1, "|", 2, 3, 4, "|"] and len(times) == 3
 
 
 def test_harness_runs_quick(tmp_path):

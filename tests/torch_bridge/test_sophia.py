@@ -424,13 +424,48 @@ def test_refresh_step_without_logits_or_closure_raises():
 
 
 # ----------------------------------------------------------------------------- torch.optim conventions
-def _gnb_train(opt, model, x, y, steps, gen):
+def _gnb_train(opt, model, x, y, steps, gen, retain=lambda opt: True):
     for _ in range(steps):
         opt.zero_grad()
         logits = model(x)
-        F.cross_entropy(logits, y).backward(retain_graph=True)
+        F.cross_entropy(logits, y).backward(retain_graph=retain(opt))
         opt.labels = torch.randint(0, 4, (x.shape[0],), generator=gen)
         opt.step(logits=logits)
+
+
+def test_refreshes_next_step_keeps_the_graph_only_for_refresh_steps():
+    """``backward(retain_graph=opt.refreshes_next_step())`` makes the same steps as the seed's
+    always-retain pattern; the flag is set exactly before the steps that change the Hessian estimate, and a
+    refresh step after a backward that freed the graph fails in autograd."""
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    model_a, model_b = _classifier(), _classifier()
+    kw = dict(lr=0.02, k=3, weight_decay=0.01)
+    opt_a, opt_b = InjectedSophia(model_a.parameters(), **kw), InjectedSophia(model_b.parameters(), **kw)
+    flags, changed = [], []
+    for t in range(1, 10):
+        flags.append(opt_b.refreshes_next_step())
+        before = [opt_b.state[p]["hessian_buffer"].clone() for p in model_b.parameters()] if t > 1 else None
+        _gnb_train(opt_a, model_a, x, y, 1, torch.Generator().manual_seed(t))
+        _gnb_train(opt_b, model_b, x, y, 1, torch.Generator().manual_seed(t), lambda o: o.refreshes_next_step())
+        after = [opt_b.state[p]["hessian_buffer"] for p in model_b.parameters()]
+        changed.append(before is not None and any(not torch.equal(u, v) for u, v in zip(before, after)))
+    assert flags == [t % 3 == 0 for t in range(1, 10)] and changed == flags
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    assert opt_b.refreshes_next_step() is False
+    _gnb_train(opt_b, model_b, x, y, 2, torch.Generator().manual_seed(0), lambda o: False)
+    assert opt_b.refreshes_next_step() is True
+    with pytest.raises(RuntimeError, match="graph behind `logits` was already freed"):
+        _gnb_train(opt_b, model_b, x, y, 1, torch.Generator().manual_seed(0), lambda o: False)
+
+
+def test_refreshes_next_step_ignores_manual_groups_and_frozen_params():
+    a, frozen = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=False)
+    h = torch.ones(2, requires_grad=True)
+    opt = Sophia([{"params": [a], "hessian_computation_type": "manual"}, {"params": [frozen]}], k=1)
+    assert opt.refreshes_next_step() is False
+    opt.add_param_group({"params": [h], "hessian_computation_type": "hutchinson"})
+    assert opt.refreshes_next_step() is True  # k = 1: every step refreshes
 
 
 @pytest.mark.parametrize("form", ["seed", "paper"])
