@@ -73,7 +73,10 @@ opt.step(logits=logits)``, the seed's pattern with the graph kept only for refre
 ``update(..., logits_fn=...)``) and Sophia-H (torch
 ``opt.step(closure)``, JAX ``update(..., obj_fn=...)``), plus the peers optax.contrib.sophia
 (Hutchinson) and pytorch_optimizer.SophiaH (its documented ``loss.backward(create_graph=True)`` every
-step). Sophia-G's ratio is amortized step / amortized AdamW step. The *Hutchinson refresh cost* is
+step). Sophia-G's ratio is amortized step / amortized AdamW step, taken within each round (the two rows
+run a minute or less apart) and the median over rounds reported: the VM's speed drifts by 20–40%
+between rounds, more than the ratios measure; the best-round-against-best-round ratio is reported
+beside it (the Sophia optimizer-only ratios are paired the same way). The *Hutchinson refresh cost* is
 (median refresh step − median non-refresh step) / (median gradient evaluation: value-and-grad of the
 loss, forward + backward).
 
@@ -1074,10 +1077,19 @@ def suite_sophia_train(S: Suite, wl, steps: int, batch: int) -> None:
 
 
 def _ratio_to_adamw(entries, key: str) -> None:
-    base = {e["framework"]: e[key] for e in entries if e["algo"] == "adamw" and e["status"] == "ok"}
+    """Each row against the AdamW row of its framework, on ``key``: ``x_adamw`` is the median over rounds of
+    the ratio within each round (the two rows ran a minute or less apart, so the VM's drift between rounds
+    cancels), ``x_adamw_best`` the ratio of the two rows' best rounds. A row whose rounds do not pair up
+    with AdamW's (a failed round) gets the best-round ratio for both."""
+    base = {e["framework"]: e for e in entries if e["algo"] == "adamw" and e["status"] == "ok"}
     for e in entries:
         if e["status"] == "ok" and e["framework"] in base and e["algo"] != "grad":
-            e["x_adamw"] = e[key] / base[e["framework"]]
+            b = base[e["framework"]]
+            e["x_adamw_best"] = e[key] / b[key]
+            rounds, base_rounds = e.get("rounds", []), b.get("rounds", [])
+            paired = [r[key] / q[key] for r, q in zip(rounds, base_rounds)]
+            e["x_adamw"] = statistics.median(paired) if paired and len(rounds) == len(base_rounds) \
+                else e["x_adamw_best"]
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -1184,29 +1196,8 @@ def render(meta, soap_info, results) -> tuple[str, list[dict]]:
         entries = results["sophia_opt"]
         L.append("## Sophia (optimizer step only, non-refresh steps: refresh disabled)")
         L.append("")
-        L.append("| optimizer | framework | median ms | amortized ms | × AdamW (median) | state MB | JAX compile s |")
-        L.append("|---|---|---:|---:|---:|---:|---:|")
-        for e in entries:
-            if e.get("note") == _FILTERED:
-                continue
-            if e["status"] != "ok":
-                L.append(f"| {e['name']} | {e['framework']} | {e['status']}: {e.get('note', '')[:120]} |||||")
-                continue
-            L.append(f"| {e['name']} | {e['framework']} | {e['median_ms']:.2f} | {e['amortized_ms']:.2f} | "
-                     f"{_f(e.get('x_adamw'))} | {_mb(e['state_bytes']):.1f} | {_f(e.get('compile_s'), '{:.1f}')} |")
-        L.append("")
-        for fw, nm in (("jax", "so_optax.sophia"), ("torch", "torch_bridge.Sophia")):
-            e = next((x for x in entries if x["status"] == "ok" and x["role"] == "ours" and x["framework"] == fw), None)
-            targets.append(dict(target=f"{nm} non-refresh step ≤ 1.2 × AdamW ({fw})", value=e and e.get("x_adamw"),
-                                ok=bool(e and e.get("x_adamw") is not None and e["x_adamw"] <= 1.2)))
-
-    if "sophia_train" in results:
-        entries = results["sophia_train"]
-        L.append(f"## Training step: GPT forward + backward + optimizer (batch {meta['batch']}×{wl['cfg']['T']} "
-                 f"tokens, k = 10)")
-        L.append("")
-        L.append("| step | framework | median ms | amortized ms | refresh step ms | × AdamW train step (amortized) | "
-                 "refresh extra × grad eval | JAX compile s |")
+        L.append("| optimizer | framework | median ms | amortized ms | × AdamW (median) | × AdamW, best rounds | "
+                 "state MB | JAX compile s |")
         L.append("|---|---|---:|---:|---:|---:|---:|---:|")
         for e in entries:
             if e.get("note") == _FILTERED:
@@ -1215,10 +1206,40 @@ def render(meta, soap_info, results) -> tuple[str, list[dict]]:
                 L.append(f"| {e['name']} | {e['framework']} | {e['status']}: {e.get('note', '')[:120]} ||||||")
                 continue
             L.append(f"| {e['name']} | {e['framework']} | {e['median_ms']:.2f} | {e['amortized_ms']:.2f} | "
-                     f"{_f(e.get('refresh_ms'))} | {_f(e.get('x_adamw'))} | {_f(e.get('x_grad'))} | "
+                     f"{_f(e.get('x_adamw'))} | {_f(e.get('x_adamw_best'))} | {_mb(e['state_bytes']):.1f} | "
                      f"{_f(e.get('compile_s'), '{:.1f}')} |")
         L.append("")
-        L.append("Refresh extra × grad eval = (median refresh step − median non-refresh step) / median gradient "
+        L.append("× AdamW (median) = the median over rounds of the ratio of median steps within a round; best rounds "
+                 "= best round against best round.")
+        L.append("")
+        for fw, nm in (("jax", "so_optax.sophia"), ("torch", "torch_bridge.Sophia")):
+            e = next((x for x in entries if x["status"] == "ok" and x["role"] == "ours" and x["framework"] == fw), None)
+            targets.append(dict(target=f"{nm} non-refresh step ≤ 1.2 × AdamW ({fw})", value=e and e.get("x_adamw"),
+                                ok=bool(e and e.get("x_adamw") is not None and e["x_adamw"] <= 1.2),
+                                also=e and f"{e['x_adamw_best']:.2f} × best round against best round"))
+
+    if "sophia_train" in results:
+        entries = results["sophia_train"]
+        L.append(f"## Training step: GPT forward + backward + optimizer (batch {meta['batch']}×{wl['cfg']['T']} "
+                 f"tokens, k = 10)")
+        L.append("")
+        L.append("| step | framework | median ms | amortized ms | refresh step ms | × AdamW train step (amortized) | "
+                 "× AdamW, best rounds | refresh extra × grad eval | JAX compile s |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for e in entries:
+            if e.get("note") == _FILTERED:
+                continue
+            if e["status"] != "ok":
+                L.append(f"| {e['name']} | {e['framework']} | {e['status']}: {e.get('note', '')[:120]} |||||||")
+                continue
+            L.append(f"| {e['name']} | {e['framework']} | {e['median_ms']:.2f} | {e['amortized_ms']:.2f} | "
+                     f"{_f(e.get('refresh_ms'))} | {_f(e.get('x_adamw'))} | {_f(e.get('x_adamw_best'))} | "
+                     f"{_f(e.get('x_grad'))} | "
+                     f"{_f(e.get('compile_s'), '{:.1f}')} |")
+        L.append("")
+        L.append("× AdamW = the median over rounds of the ratio within a round (each row against the AdamW row of "
+                 "the same round, run a minute or less apart); × AdamW, best rounds = best round against best round. "
+                 "Refresh extra × grad eval = (median refresh step − median non-refresh step) / median gradient "
                  "evaluation (forward + backward). pytorch_optimizer.SophiaH runs its documented "
                  "`backward(create_graph=True)` on every step.")
         L.append("")
@@ -1229,7 +1250,8 @@ def render(meta, soap_info, results) -> tuple[str, list[dict]]:
                       and x["algo"] == "sophia-h"), None)
             targets.append(dict(target=f"Sophia-G training step (k=10, amortized) ≤ 1.1 × AdamW training step ({fw})",
                                 value=g and g.get("x_adamw"),
-                                ok=bool(g and g.get("x_adamw") is not None and g["x_adamw"] <= 1.1)))
+                                ok=bool(g and g.get("x_adamw") is not None and g["x_adamw"] <= 1.1),
+                                also=g and f"{g['x_adamw_best']:.2f} × best round against best round"))
             targets.append(dict(target=f"Hutchinson refresh ≤ 3 × one gradient evaluation ({fw})",
                                 value=h and h.get("x_grad"),
                                 ok=bool(h and h.get("x_grad") is not None and h["x_grad"] <= 3.0)))

@@ -118,6 +118,26 @@ def test_each_row_is_floored_by_the_rates_around_its_window_and_the_run_by_its_f
     assert row["x_floor"] == pytest.approx(12.0 / 6.0) and row["x_run_floor"] == pytest.approx(12.0 / 5.0)
 
 
+def test_ratios_to_adamw_pair_each_round_with_adamws():
+    """× AdamW is the median of the within-round ratios; the best-round ratio is kept beside it; a row whose
+    rounds do not pair up with AdamW's falls back to the best-round ratio."""
+    b = _bench_module()
+
+    def row(name, algo, amortized, fw="torch"):
+        return dict(name=name, framework=fw, algo=algo, status="ok", amortized_ms=min(amortized),
+                    rounds=[dict(amortized_ms=t) for t in amortized])
+
+    entries = [row("AdamW", "adamw", [100.0, 130.0, 160.0]), row("Sophia-G", "sophia-g", [105.0, 156.0, 160.0]),
+               row("short", "sophia-h", [120.0, 90.0]), row("grad", "grad", [50.0, 50.0, 50.0])]
+    b._ratio_to_adamw(entries, "amortized_ms")
+    g, short, grad = entries[1], entries[2], entries[3]
+    assert g["x_adamw"] == pytest.approx(1.05) and g["x_adamw_best"] == pytest.approx(1.05)
+    entries[1] = g = row("Sophia-G", "sophia-g", [160.0, 136.5, 120.0])  # its best round met AdamW's worst
+    b._ratio_to_adamw(entries, "amortized_ms")
+    assert g["x_adamw"] == pytest.approx(1.05) and g["x_adamw_best"] == pytest.approx(1.2)
+    assert short["x_adamw"] == short["x_adamw_best"] == pytest.approx(0.9) and "x_adamw" not in grad
+
+
 def test_timed_loop_measures_around_the_window_only():
     """``around_window`` runs after the warm-up, right before the first measured step, and after the last."""
     b = _bench_module()
