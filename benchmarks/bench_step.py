@@ -508,7 +508,7 @@ def jax_gpt(cfg):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    D, L, T = cfg["D"], cfg["L"], cfg["T"]
+    D, L = cfg["D"], cfg["L"]
     H = max(1, D // 64)
 
     def init(seed=0):

@@ -30,7 +30,7 @@ import torch
 
 from so_common.soap_layout import soap_layout
 from torch_bridge import SOAP
-from torch_bridge._linalg import eigh_descending, project, project_back, refresh_basis
+from torch_bridge._linalg import eigh_descending, project, refresh_basis
 
 SEED_FILE = Path(__file__).resolve().parents[2] / ".." / "shared" / "seeds" / "001_5ab0d411e69aa167.txt"
 TOL = 1e-6
