@@ -1103,6 +1103,18 @@ def _mb(b):
     return None if b is None else b / 2**20
 
 
+def _bounded_target(target: str, e: Optional[dict], key: str, bound: float,
+                    also: Optional[tuple[str, str]] = None) -> dict:
+    """A target line: row ``e``'s ``e[key] ≤ bound`` (not judged without the row or the figure); ``also``,
+    ``(other key, what it is against)``, is shown beside the value."""
+    value = e.get(key) if e else None
+    return dict(target=target, value=value, ok=value is not None and value <= bound,
+                also=f"{e[also[0]]:.2f} × {also[1]}" if also and value is not None else None)
+
+
+_PAIRED_TO_ADAMW = dict(key="x_adamw", also=("x_adamw_best", "best round against best round"))
+
+
 def render(meta, soap_info, results) -> tuple[str, list[dict]]:
     L: list[str] = []
     targets: list[dict] = []
@@ -1167,17 +1179,14 @@ def render(meta, soap_info, results) -> tuple[str, list[dict]]:
         by = {e["name"]: e for e in entries if e["status"] == "ok"}
         j = by.get("so_optax.soap (jit)")
         t = by.get("torch_bridge.SOAP")
-        def floor_target(target: str, e: Optional[dict], bound: float) -> dict:
-            return dict(target=target, value=e and e["x_floor"], ok=bool(e and e["x_floor"] <= bound),
-                        also=e and f"{e['x_run_floor']:.2f} × the run floor")
-
-        targets.append(floor_target("so_optax.soap ≤ 1.25 × flop floor", j, 1.25))
+        floor = dict(key="x_floor", also=("x_run_floor", "the run floor"))
+        targets.append(_bounded_target("so_optax.soap ≤ 1.25 × flop floor", j, bound=1.25, **floor))
         j1 = by.get(_SOAP_JAX_LAPACK1)
         if j1:
-            targets.append(floor_target("so_optax.soap ≤ 1.25 × flop floor, LAPACK (OpenBLAS) limited to 1 thread",
-                                        j1, 1.25))
+            targets.append(_bounded_target("so_optax.soap ≤ 1.25 × flop floor, LAPACK (OpenBLAS) limited to 1 thread",
+                                           j1, bound=1.25, **floor))
         torch_peers = [e for e in entries if e["status"] == "ok" and e["role"] == "peer" and e["framework"] == "torch"]
-        targets.append(floor_target("torch_bridge.SOAP ≤ 1.5 × flop floor", t, 1.5))
+        targets.append(_bounded_target("torch_bridge.SOAP ≤ 1.5 × flop floor", t, bound=1.5, **floor))
         targets.append(dict(target="torch_bridge.SOAP faster than every torch SOAP peer (amortized)",
                             value=t and torch_peers and min(p["amortized_ms"] for p in torch_peers) / t["amortized_ms"],
                             unit="fastest peer / ours", ok=bool(t and torch_peers and all(
@@ -1214,9 +1223,8 @@ def render(meta, soap_info, results) -> tuple[str, list[dict]]:
         L.append("")
         for fw, nm in (("jax", "so_optax.sophia"), ("torch", "torch_bridge.Sophia")):
             e = next((x for x in entries if x["status"] == "ok" and x["role"] == "ours" and x["framework"] == fw), None)
-            targets.append(dict(target=f"{nm} non-refresh step ≤ 1.2 × AdamW ({fw})", value=e and e.get("x_adamw"),
-                                ok=bool(e and e.get("x_adamw") is not None and e["x_adamw"] <= 1.2),
-                                also=e and f"{e['x_adamw_best']:.2f} × best round against best round"))
+            targets.append(_bounded_target(f"{nm} non-refresh step ≤ 1.2 × AdamW ({fw})", e, bound=1.2,
+                                           **_PAIRED_TO_ADAMW))
 
     if "sophia_train" in results:
         entries = results["sophia_train"]
@@ -1248,13 +1256,10 @@ def render(meta, soap_info, results) -> tuple[str, list[dict]]:
                       and x["algo"] == "sophia-g"), None)
             h = next((x for x in entries if x["status"] == "ok" and x["role"] == "ours" and x["framework"] == fw
                       and x["algo"] == "sophia-h"), None)
-            targets.append(dict(target=f"Sophia-G training step (k=10, amortized) ≤ 1.1 × AdamW training step ({fw})",
-                                value=g and g.get("x_adamw"),
-                                ok=bool(g and g.get("x_adamw") is not None and g["x_adamw"] <= 1.1),
-                                also=g and f"{g['x_adamw_best']:.2f} × best round against best round"))
-            targets.append(dict(target=f"Hutchinson refresh ≤ 3 × one gradient evaluation ({fw})",
-                                value=h and h.get("x_grad"),
-                                ok=bool(h and h.get("x_grad") is not None and h["x_grad"] <= 3.0)))
+            targets.append(_bounded_target(f"Sophia-G training step (k=10, amortized) ≤ 1.1 × AdamW training step "
+                                           f"({fw})", g, bound=1.1, **_PAIRED_TO_ADAMW))
+            targets.append(_bounded_target(f"Hutchinson refresh ≤ 3 × one gradient evaluation ({fw})", h,
+                                           key="x_grad", bound=3.0))
 
     for t in targets:  # a target whose figure is missing is not judged
         if t["value"] is None or t["value"] is False:

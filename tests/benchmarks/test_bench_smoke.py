@@ -91,19 +91,9 @@ def test_each_row_is_floored_by_the_rates_around_its_window_and_the_run_by_its_f
     gflop = b.mix_flops(mix) / 1e9
     flops = dict(amortized_flops=gflop * 1e9)  # the floor's flops are exactly the mix's: floor = mix time
 
-    ticks = []
-    window = [_rate(b, gflop, 2.0, 5.0), _rate(b, gflop, 3.0, 4.0)]
-
-    def bench(around_window):
-        around_window()
-        ticks.append("steps")
-        around_window()
-        return dict(median_ms=9.0, amortized_ms=12.0)
-
-    measured = iter(window)
-    res = bench(around_window=lambda: ticks.append(next(measured)))
-    res.update(b._window_floor(flops, ticks[::2]))
-    assert ticks[1] == "steps" and res["floor_ms"] == pytest.approx(2.0 + 4.0)
+    window = [_rate(b, gflop, 2.0, 5.0), _rate(b, gflop, 3.0, 4.0)]  # before and after the steps
+    res = dict(median_ms=9.0, amortized_ms=12.0, **b._window_floor(flops, window))
+    assert res["floor_ms"] == pytest.approx(2.0 + 4.0)
     assert res["window_gflops"] == pytest.approx([gflop / 7e-3, gflop / 7e-3])
 
     runs = [_rate(b, gflop, 1.0, 8.0), *window, _rate(b, gflop, 8.0, 8.0)]
