@@ -68,7 +68,7 @@ def gram(x: jax.Array, axis: int) -> jax.Array:
 
 def after(x: jax.Array, previous: Union[None, jax.Array, Sequence[jax.Array]]) -> jax.Array:
     """``x`` unchanged, but not computable before ``previous`` (an array, or every array of a sequence;
-    ``None`` or an empty sequence: no constraint).
+    ``None``, an empty sequence or arrays without elements: no constraint).
 
     The values are kept bit for bit (signed zeros, infinities and NaNs included), except that
     XLA:CPU flushes subnormals to zero, as in any floating-point op it runs.
@@ -82,6 +82,7 @@ def after(x: jax.Array, previous: Union[None, jax.Array, Sequence[jax.Array]]) -
         return x
     if not isinstance(previous, (list, tuple)):
         previous = [previous]
+    previous = [p for p in previous if p.size]  # no element to read, and nothing worth waiting for
     if not previous:
         return x
     # p[0, ..., 0], not p.ravel()[0]: raveling a column-major LAPACK output copies all of it
@@ -113,8 +114,9 @@ class Lanes:
         self._work = [0] * (count or 0)
 
     def run(self, decompose: Callable[[jax.Array], jax.Array], mat: jax.Array) -> jax.Array:
-        """``decompose(mat)``, after the last decomposition of the least busy lane."""
-        if not self._work:
+        """``decompose(mat)``, after the last decomposition of the least busy lane (an empty ``mat``: at
+        once, outside the lanes)."""
+        if not self._work or mat.size == 0:
             return decompose(mat)
         lane = self._work.index(min(self._work))
         self._work[lane] += mat.shape[-1] ** 3

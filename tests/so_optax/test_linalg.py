@@ -76,6 +76,27 @@ def test_unbounded_lanes_leave_the_qrs_independent():
     assert _qr_dependencies(None) == [0, 0, 0, 0]
 
 
+def test_an_empty_decomposition_does_not_break_its_lane():
+    """A 0×0 QR runs outside the lanes (nothing to read or wait for); the QR after it in its lane still
+    waits for the one before it."""
+    a, b = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6))
+
+    def chain(x, y, empty):
+        lanes = _linalg.Lanes(1)
+        first = lanes.run(_linalg._orthonormal_factor, x)
+        middle = lanes.run(_linalg._orthonormal_factor, empty)
+        return first, middle, lanes.run(_linalg._orthonormal_factor, y)
+
+    compiled = jax.jit(chain).lower(a, b, jnp.zeros((0, 0))).compile()
+    comps, entry = computations(compiled.as_text())
+    insts = instructions(comps[entry])
+    qrs = custom_calls(insts, "geqrf")
+    assert sorted(len(ancestors(insts, q) & set(qrs)) for q in qrs) == [0, 1]
+    first, middle, last = compiled(a, b, jnp.zeros((0, 0)))
+    assert middle.shape == (0, 0)
+    np.testing.assert_array_equal(last, jax.jit(_linalg._orthonormal_factor)(b))
+
+
 def test_lanes_do_not_change_the_results():
     keys = jax.random.split(jax.random.PRNGKey(1), 2)
     a = jax.random.normal(keys[0], (3, 6, 6))

@@ -408,6 +408,30 @@ def test_shapes_run_and_are_finite(opts, shapes):
                 np.testing.assert_allclose(q.T @ q, np.eye(d), atol=1e-5)
 
 
+@pytest.mark.parametrize("count", [None, 1])
+def test_empty_leaves_change_nothing_else(monkeypatch, count):
+    """Leaves without elements (a layer of width 0) get empty directions and leave the other leaves'
+    directions and state bit for bit as they are without them, in bounded and unbounded lanes."""
+    monkeypatch.setattr(_lapack_lanes, "lane_count", lambda: count)
+    shapes = {"w": (6, 4), "b": (4,)}
+    empty = {"e2": (0, 5), "e3": (2, 0, 3)}
+    opt = so_optax.soap(precondition_frequency=2)
+    runs = []
+    for extra in ({}, empty):
+        both = {**shapes, **extra}
+        params = {k: jnp.full(s, 0.5) for k, s in both.items()}
+        update, state, run = jax.jit(opt.update), opt.init(params), []
+        for call in range(5):  # the first call, then refreshes on the 2nd and 4th Adam steps
+            grads = {**_grads(shapes, call), **{k: jnp.zeros(s) for k, s in extra.items()}}
+            u, state = update(grads, state, params)
+            chex.assert_trees_all_equal_shapes(u, params)
+            run.append({k: u[k] for k in shapes})
+        runs.append((run, jax.tree.map(lambda t: {k: t[k] for k in shapes}, state[1:],
+                                       is_leaf=lambda t: isinstance(t, dict) and "w" in t)))
+    jax.tree.map(np.testing.assert_array_equal, runs[1], runs[0])
+    assert all(bool(jnp.any(step["w"] != 0)) for step in runs[0][0][1:])
+
+
 def test_bf16_params():
     shapes = {"w": (6, 4), "b": (4,)}
     params = {k: jnp.full(s, 0.5, jnp.bfloat16) for k, s in shapes.items()}

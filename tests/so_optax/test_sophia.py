@@ -6,6 +6,7 @@ estimate injected through a user estimator transformation (the pattern parity te
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -436,6 +437,27 @@ def test_bfloat16_params_keep_float32_state():
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(d))
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((state.mu, state.nu)))
     assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in jax.tree.leaves(d))
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_empty_leaves_change_nothing_else(estimator):
+    """A parameter without elements gets an empty direction; the others take the same steps, bit for
+    bit, as without it (refreshes included)."""
+    params, x, y, logits_fn, loss = linear_problem()
+    runs = []
+    for extra in ({}, {"empty": jnp.zeros((0, 3))}):
+        p = {**params, **extra}
+        tx = so_optax.sophia(k=2, estimator=estimator, weight_decay=0.1)
+        kw = dict(logits_fn=logits_fn) if estimator == "gnb" else dict(obj_fn=loss)
+        state = tx.init(p)
+        step = jax.jit(lambda g, s, q: tx.update(g, s, q, **kw))
+        for _ in range(4):
+            d, state = step(jax.grad(loss)(p), state, p)
+            p = optax.apply_updates(p, jax.tree.map(lambda u: -0.01 * u, d))
+        chex.assert_trees_all_equal_shapes(d, p)
+        runs.append({k: p[k] for k in params})
+    jax.tree.map(np.testing.assert_array_equal, runs[1], runs[0])
+    assert not np.array_equal(runs[0]["w"], params["w"])
 
 
 def test_inject_hyperparams():

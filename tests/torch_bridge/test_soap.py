@@ -336,6 +336,26 @@ def test_params_without_grad_are_skipped():
     assert int(opt.state[a]["step"]) == 2
 
 
+def test_empty_params_change_nothing_else():
+    """Parameters without elements step (to empty results) and leave the others bit for bit as they
+    are without them, through refreshes (as so_optax.soap)."""
+    runs = []
+    for with_empty in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.ones(6, 4))
+        empty = [torch.nn.Parameter(torch.ones(0, 5)), torch.nn.Parameter(torch.ones(2, 0, 3))]
+        params = [w] + (empty if with_empty else [])
+        opt = SOAP(params, lr=1e-2, precondition_frequency=2)
+        for _ in range(5):
+            w.grad = torch.randn(6, 4, generator=gen)
+            for e in empty:
+                e.grad = torch.zeros_like(e)
+            opt.step()
+        runs.append(w.detach().clone())
+        assert all(e.shape == e.grad.shape for e in empty)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], torch.ones(6, 4))
+
+
 def test_step_without_grads_is_a_noop():
     params = _model()
     opt = SOAP(params)
