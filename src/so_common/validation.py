@@ -7,7 +7,7 @@ traced JAX value under ``optax.inject_hyperparams``, a schedule, a tensor) are l
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 def is_number(value: Any) -> bool:
@@ -56,3 +56,20 @@ def check_bool(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless ``value`` is a ``bool``."""
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+
+
+
+def check_real_params(optimizer: str, named_params: Iterable[tuple[str, Any]], is_complex: Callable[[Any], bool],
+                      remedy: str) -> None:
+    """Raises ``ValueError`` naming the first complex parameter of ``named_params`` (``(where, param)`` pairs).
+
+    SOAP's eigenbases and Sophia's clipped ratio are defined for real parameters only: neither the papers
+    nor the seeds define a complex form, and the real formulas applied to complex numbers run without error
+    but compute something else.
+    """
+    for where, param in named_params:
+        if is_complex(param):
+            raise ValueError(
+                f"Invalid params: {optimizer} does not support complex parameters ({where} has dtype "
+                f"{getattr(param, 'dtype', type(param).__name__)}); {remedy}"
+            )

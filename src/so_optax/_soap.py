@@ -43,7 +43,7 @@ import optax
 
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative
-from so_optax import _control, _lapack_lanes, _linalg
+from so_optax import _control, _lapack_lanes, _linalg, _params
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -193,6 +193,7 @@ def _soap_transform(
         )
 
     def init_fn(params):
+        _params.check_real(params, "so_optax.soap", "e.g. optax.contrib.split_real_and_imaginary(so_optax.soap(...))")
         leaves, treedef = jax.tree.flatten(params)
         exp_avg, factors, bases = [], [], []
         for leaf in leaves:

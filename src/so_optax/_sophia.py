@@ -21,6 +21,7 @@ import optax
 
 from so_common import validation
 from so_optax import _hessian_estimators as _est
+from so_optax import _params
 
 __all__ = ["SOPHIA_STATIC_ARGS", "SophiaClipRule", "SophiaState", "sophia", "sophia_win_rate"]
 
@@ -359,6 +360,9 @@ def sophia(
     clip_rule = _clip_rule(form, rho, gamma, eps, b1, bias_correction)
 
     def init_fn(params):
+        _params.check_real(params, "so_optax.sophia", "e.g. a real array of shape (..., 2) viewed as complex "
+                           "in the model (obj_fn and logits_fn then see the real parameters)")
+
         def zeros(p):
             return jnp.zeros(jnp.shape(p), _state_dtype(jnp.result_type(p)))
 

@@ -19,6 +19,7 @@ from torch_bridge._hessian_estimators import (
     hutchinson_hessian_diagonal,
     sample_labels,
 )
+from torch_bridge._params import check_real_group
 
 __all__ = ["Sophia"]
 
@@ -170,10 +171,16 @@ class Sophia(Optimizer):
         self._win_record: Optional[list[tuple]] = None  # pending win-rate inputs of the latest step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a parameter group after checking its hyperparameters (named in the ``ValueError``)."""
+        """Adds a parameter group after checking its hyperparameters (named in the ``ValueError``) and that
+        its parameters are real. An invalid group is not added."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyperparameters(**{name: group[name] for name in self.defaults})
+        try:
+            _check_hyperparameters(**{name: group[name] for name in self.defaults})
+            check_real_group(self, "torch_bridge.Sophia")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -488,6 +488,21 @@ def test_invalid_options_raise(kwargs, name):
         so_optax.soap(**kwargs)
 
 
+def test_complex_params_raise_naming_the_leaf_and_split_parts_run():
+    """A complex leaf is rejected at init (the real formulas would run on it and compute something else);
+    optax.contrib.split_real_and_imaginary, which the message suggests, optimizes its parts instead."""
+    params = {"b": jnp.ones(3), "w": [jnp.ones((4, 3), jnp.complex64)]}
+    with pytest.raises(ValueError, match=r"Invalid params: so_optax.soap .*leaf \['w'\]\[0\] has dtype complex64"):
+        so_optax.soap().init(params)
+    tx = optax.contrib.split_real_and_imaginary(so_optax.soap(precondition_frequency=2))
+    state = tx.init(params)
+    grads = {"b": jnp.ones(3), "w": [(1.0 + 2.0j) * jnp.arange(12.0).reshape(4, 3).astype(jnp.complex64)]}
+    for _ in range(4):
+        u, state = jax.jit(tx.update)(grads, state, params)
+    chex.assert_tree_all_finite(u)
+    assert u["w"][0].dtype == jnp.complex64 and bool(jnp.any(jnp.imag(u["w"][0]) != 0))
+
+
 def test_inject_hyperparams():
     shapes = {"w": (4, 3), "b": (3,)}
     params = {k: jnp.full(s, 0.3) for k, s in shapes.items()}

@@ -460,6 +460,12 @@ def test_empty_leaves_change_nothing_else(estimator):
     assert not np.array_equal(runs[0]["w"], params["w"])
 
 
+def test_complex_params_raise_naming_the_leaf():
+    params = {"w": jnp.ones((2, 3)), "z": jnp.ones(3, jnp.complex64)}
+    with pytest.raises(ValueError, match=r"Invalid params: so_optax.sophia .*leaf \['z'\] has dtype complex64"):
+        so_optax.sophia(estimator="hutchinson").init(params)
+
+
 def test_inject_hyperparams():
     params, x, y, logits_fn, loss = linear_problem()
     make = optax.inject_hyperparams(so_optax.sophia, static_args=so_optax.SOPHIA_STATIC_ARGS)

@@ -415,6 +415,22 @@ def test_invalid_hyperparameters_raise(kwargs, match):
         SOAP([{"params": [p], **kwargs}])
 
 
+def test_complex_params_and_invalid_groups_are_rejected_whole():
+    w = torch.nn.Parameter(torch.randn(2, 2))
+    z = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="Invalid params: torch_bridge.SOAP .*parameter 1 of param group 0 has "
+                                         "dtype torch.complex64"):
+        SOAP([w, z])
+    opt = SOAP([w])
+    with pytest.raises(ValueError, match="param group 1 has dtype torch.complex64"):
+        opt.add_param_group({"params": [z]})
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": -1.0})
+    assert len(opt.param_groups) == 1  # a rejected group is not left behind
+    w.grad = torch.randn(2, 2)
+    opt.step()
+
+
 def test_shampoo_beta_negative_means_betas1():
     p = torch.nn.Parameter(torch.randn(3, 3))
     SOAP([p], shampoo_beta=-0.5)  # any negative value is accepted

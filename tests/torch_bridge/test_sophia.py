@@ -383,6 +383,18 @@ def test_invalid_param_group_hyperparameter():
     opt = Sophia([torch.zeros(2, requires_grad=True)])
     with pytest.raises(ValueError, match="Invalid rho"):
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "rho": -1.0})
+    assert len(opt.param_groups) == 1  # a rejected group is not left behind
+
+
+def test_complex_params_raise():
+    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid params: torch_bridge.Sophia .*parameter 0 of param group 0 "
+                                         "has dtype torch.complex64"):
+        Sophia([z])
+    opt = Sophia([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="param group 1 has dtype torch.complex64"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
 
 
 def test_refresh_step_without_logits_or_closure_raises():
