@@ -58,7 +58,6 @@ def check_bool(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
 
 
-
 def check_real_params(optimizer: str, named_params: Iterable[tuple[str, Any]], is_complex: Callable[[Any], bool],
                       remedy: str) -> None:
     """Raises ``ValueError`` naming the first complex parameter of ``named_params`` (``(where, param)`` pairs).

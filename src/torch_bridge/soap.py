@@ -24,7 +24,7 @@ from ._linalg import (
     refresh_basis,
     update_factors,
 )
-from ._params import check_real_group
+from ._params import add_checked_param_group
 
 __all__ = ["SOAP"]
 
@@ -195,13 +195,7 @@ class SOAP(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group; its hyperparameters are validated like the constructor's, and its
         parameters must be real. An invalid group is not added."""
-        super().add_param_group(param_group)
-        try:
-            _validate(self.param_groups[-1])
-            check_real_group(self, "torch_bridge.SOAP")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        add_checked_param_group(self, param_group, super().add_param_group, _validate, "torch_bridge.SOAP")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -19,7 +19,7 @@ from torch_bridge._hessian_estimators import (
     hutchinson_hessian_diagonal,
     sample_labels,
 )
-from torch_bridge._params import check_real_group
+from torch_bridge._params import add_checked_param_group
 
 __all__ = ["Sophia"]
 
@@ -173,14 +173,11 @@ class Sophia(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group after checking its hyperparameters (named in the ``ValueError``) and that
         its parameters are real. An invalid group is not added."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_hyperparameters(**{name: group[name] for name in self.defaults})
-            check_real_group(self, "torch_bridge.Sophia")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        add_checked_param_group(
+            self, param_group, super().add_param_group,
+            lambda group: _check_hyperparameters(**{name: group[name] for name in self.defaults}),
+            "torch_bridge.Sophia",
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
