@@ -204,22 +204,32 @@ class SOAP(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict, keeping the state's own dtypes.
+        """Loads a state dict, keeping the state's own dtypes; a checkpoint of the seed's SOAP loads too.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter dtype;
         SOAP's moments, factors and bases must stay float32 (or wider) for bf16/fp16 parameters, so they
-        are restored with their saved dtype, moved to the parameter's device.
+        are restored with their saved dtype, moved to the parameter's device. A parameter state saved by
+        the seed implementation (an ``int`` step) is converted to this class's layout; options its param
+        groups do not hold (the seed's ``data_format``) keep the values this optimizer was built with.
         """
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, p in zip(saved_ids, params):
+        # An option the checkpoint lacks keeps this optimizer's value (the seed holds data_format outside
+        # its param groups), not the class default that __setstate__ fills in.
+        groups = [dict(saved) for saved in state_dict["param_groups"]]
+        for saved, current in zip(groups, self.param_groups):
+            for key, value in current.items():
+                saved.setdefault(key, value)
+        super().load_state_dict(dict(state_dict, param_groups=groups))
+        for pid, (p, group) in zip(saved_ids, ((p, g) for g in self.param_groups for p in g["params"])):
             if pid in saved_state:
-                self.state[p] = {
+                state = {
                     key: _restore(value, torch.device("cpu") if key == _STEP else p.device)
                     for key, value in saved_state[pid].items()
                 }
+                if not torch.is_tensor(state.get(_STEP)):
+                    state = _from_seed_state(state, _group_layout(p, group))
+                self.state[p] = state
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -334,6 +344,31 @@ def _refresh(state: dict[str, Any]) -> None:
     state[_Q] = new_bases
     state[_EXP_AVG_SQ] = exp_avg_sq
     state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
+
+
+def _from_seed_state(state: dict[str, Any], layout: SoapLayout) -> dict[str, Any]:
+    """A parameter state saved by the seed's SOAP, in this class's layout.
+
+    The seed keeps an ``int`` step, the moments in the parameter's shape, ``[]`` (not a tensor) for a
+    dimension with the identity basis, and its own copies of ``precondition_frequency`` and
+    ``shampoo_beta``, which the param group holds here. Its moments are already in the eigenbasis, as here.
+    """
+    exp_avg = _to_work(state[_EXP_AVG], layout).contiguous()
+    empty = exp_avg.new_empty(0)
+
+    def matrices(values: Optional[list]) -> Optional[list[torch.Tensor]]:
+        return None if values is None else [v if torch.is_tensor(v) and v.numel() else empty for v in values]
+
+    factors, bases = matrices(state[_GG]), matrices(state.get(_Q))
+    if bases is None:  # saved before its first basis: build it as the first step does
+        bases = [eigh_descending(gg) if gg.numel() else empty for gg in factors]
+    return {
+        _STEP: torch.tensor(int(state[_STEP]), dtype=torch.int64),
+        _EXP_AVG: exp_avg,
+        _EXP_AVG_SQ: _to_work(state[_EXP_AVG_SQ], layout).contiguous(),
+        _GG: factors,
+        _Q: bases,
+    }
 
 
 def _restore(value: Any, device: torch.device) -> Any:

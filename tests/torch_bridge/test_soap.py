@@ -270,6 +270,43 @@ def test_state_dict_round_trip_continues_bit_identically(dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("split", [2, 7])
+@pytest.mark.parametrize("shapes,options", [
+    ([(6, 4), (4,), (3, 5)], {}),
+    ([(4, 3, 2, 2), (5,)], {"merge_dims": True, "max_precond_dim": 6, "data_format": "channels_last",
+                            "precondition_1d": True}),
+], ids=["plain", "merge_channels_last"])
+def test_seed_checkpoint_loads_and_continues(seed_soap, float64_default, split, shapes, options):
+    """A state_dict saved by the seed's SOAP (int step, [] for identity dimensions, moments in the
+    parameter's shape) loads with weights_only=True and continues as the seed itself does, through refreshes
+    (precondition_frequency=3; split before the first refresh and after two)."""
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(12)]
+    options = dict(options, lr=1e-2, precondition_frequency=3)
+
+    def run(resume_as):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = seed_soap(params, **options)
+        for t, gs in enumerate(grads):
+            if t == split and resume_as is not None:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                opt = resume_as(params, **options)
+                opt.load_state_dict(torch.load(buffer, weights_only=True))
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() - x for p, x in zip(params, init)], opt
+
+    reference, _ = run(None)
+    resumed, ours = run(SOAP)
+    assert isinstance(ours, SOAP) and all(torch.is_tensor(s["step"]) for s in ours.state.values())
+    for a, b in zip(resumed, reference):
+        assert _rel(a, b) < 1e-6
+
+
 def test_load_state_dict_copies_the_state():
     params = _model()
     opt = SOAP(params)
