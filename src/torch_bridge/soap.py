@@ -228,7 +228,7 @@ class SOAP(Optimizer):
                     for key, value in saved_state[pid].items()
                 }
                 if not torch.is_tensor(state.get(_STEP)):
-                    state = _from_seed_state(state, _group_layout(p, group))
+                    state = _from_seed_state(state, _group_layout(p, group), compute_dtype(p.dtype))
                 self.state[p] = state
 
     @torch.no_grad()
@@ -346,28 +346,24 @@ def _refresh(state: dict[str, Any]) -> None:
     state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
 
 
-def _from_seed_state(state: dict[str, Any], layout: SoapLayout) -> dict[str, Any]:
-    """A parameter state saved by the seed's SOAP, in this class's layout.
+def _from_seed_state(state: dict[str, Any], layout: SoapLayout, dtype: torch.dtype) -> dict[str, Any]:
+    """A parameter state saved by the seed's SOAP, in this class's layout and compute ``dtype``.
 
-    The seed keeps an ``int`` step, the moments in the parameter's shape, ``[]`` (not a tensor) for a
-    dimension with the identity basis, and its own copies of ``precondition_frequency`` and
+    The seed keeps an ``int`` step, the moments in the parameter's shape and dtype, ``[]`` (not a tensor)
+    for a dimension with the identity basis, and its own copies of ``precondition_frequency`` and
     ``shampoo_beta``, which the param group holds here. Its moments are already in the eigenbasis, as here.
     """
-    exp_avg = _to_work(state[_EXP_AVG], layout).contiguous()
-    empty = exp_avg.new_empty(0)
+    empty = state[_EXP_AVG].new_empty(0, dtype=dtype)
 
-    def matrices(values: Optional[list]) -> Optional[list[torch.Tensor]]:
-        return None if values is None else [v if torch.is_tensor(v) and v.numel() else empty for v in values]
+    def matrices(values: list) -> list[torch.Tensor]:
+        return [v.to(dtype) if torch.is_tensor(v) and v.numel() else empty for v in values]
 
-    factors, bases = matrices(state[_GG]), matrices(state.get(_Q))
-    if bases is None:  # saved before its first basis: build it as the first step does
-        bases = [eigh_descending(gg) if gg.numel() else empty for gg in factors]
     return {
         _STEP: torch.tensor(int(state[_STEP]), dtype=torch.int64),
-        _EXP_AVG: exp_avg,
-        _EXP_AVG_SQ: _to_work(state[_EXP_AVG_SQ], layout).contiguous(),
-        _GG: factors,
-        _Q: bases,
+        _EXP_AVG: _to_work(state[_EXP_AVG], layout).to(dtype).contiguous(),
+        _EXP_AVG_SQ: _to_work(state[_EXP_AVG_SQ], layout).to(dtype).contiguous(),
+        _GG: matrices(state[_GG]),
+        _Q: matrices(state[_Q]),
     }
 
 
