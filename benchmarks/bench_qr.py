@@ -25,8 +25,8 @@ import collections
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step as B  # noqa: E402
@@ -116,7 +116,8 @@ def render(results: dict[str, dict], dims: list[int]) -> str:
         f"# SOAP refresh QRs — {B._machine()}",
         "",
         f"- command: `python benchmarks/bench_qr.py` ({time.strftime('%Y-%m-%d %H:%M:%S')})",
-        f"- {len(dims)} QRs per refresh (d = {', '.join(f'{d}×{c}' for d, c in sorted(collections.Counter(dims).items()))}), "
+        f"- {len(dims)} QRs per refresh "
+        f"(d = {', '.join(f'{d}×{c}' for d, c in sorted(collections.Counter(dims).items()))}), "
         f"{total_gflop:.1f} GFLOP counted as (8/3)·d³ each",
         "- *at matmul rate*: each QR's flops at the rate of a d×d×d matmul measured in the same framework",
         "",
@@ -128,12 +129,13 @@ def render(results: dict[str, dict], dims: list[int]) -> str:
     ]
     for name, r in results.items():
         in_lanes = (f"{r['lanes_ms']:.1f} | {r['lanes']}" if r["lanes_ms"] is not None else "— | —")
-        lines.append(f"| {name} | {r['all_ms']:.1f} | {r['floor_ms']:.1f} | {r['all_ms'] / r['floor_ms']:.2f} | {in_lanes} |")
+        ratio = r["all_ms"] / r["floor_ms"]
+        lines.append(f"| {name} | {r['all_ms']:.1f} | {r['floor_ms']:.1f} | {ratio:.2f} | {in_lanes} |")
     lines += ["", "One QR of each size, ms (× its flops at the d×d×d matmul rate):", "",
               "| d | count | " + " | ".join(results) + " |", "|---:|---:|" + "---:|" * len(results)]
     for i, p in enumerate(next(iter(results.values()))["per_dim"]):
-        cells = [f"{r['per_dim'][i]['qr_ms']:.1f} ({r['per_dim'][i]['qr_ms'] / r['per_dim'][i]['qr_at_matmul_rate_ms']:.1f}×)"
-                 for r in results.values()]
+        per_dim = [r["per_dim"][i] for r in results.values()]
+        cells = [f"{q['qr_ms']:.1f} ({q['qr_ms'] / q['qr_at_matmul_rate_ms']:.1f}×)" for q in per_dim]
         lines.append(f"| {p['d']} | {p['count']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

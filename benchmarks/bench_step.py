@@ -96,12 +96,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 import threading
+import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -195,7 +196,7 @@ def round_up(n: int, cycle: int) -> int:
 
 def timed_loop(desc: str, n_warm: int, n_steps: int, do_step: Callable[[int], None],
                sync: Callable[[], None] = lambda: None,
-               around_window: Optional[Callable[[], None]] = None) -> list[float]:
+               around_window: Callable[[], None] | None = None) -> list[float]:
     """Runs n_warm + n_steps steps, each timed on its own; returns the measured (post warm-up) seconds.
 
     ``around_window()`` (if given) runs right before the first measured step and right after the last."""
@@ -220,7 +221,7 @@ def timed_loop(desc: str, n_warm: int, n_steps: int, do_step: Callable[[int], No
 
 
 def step_stats(times: list[float], n_warm: int, cycle: int,
-               is_refresh: Optional[Callable[[int], bool]] = None) -> dict[str, Any]:
+               is_refresh: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """median / amortized mean (whole cycles) / refresh & non-refresh medians, in ms.
 
     Call indices are 1-based: the first measured step is call ``n_warm + 1``.
@@ -408,7 +409,7 @@ def _compile(fn, *args, donate=(0, 1)):
     return compiled, time.perf_counter() - t0
 
 
-def run_jax_opt(desc, make_tx, shapes, n_warm, n_steps, cycle, extra: Optional[str] = None,
+def run_jax_opt(desc, make_tx, shapes, n_warm, n_steps, cycle, extra: str | None = None,
                 is_refresh=None, around_window=None) -> dict[str, Any]:
     """Optimizer-only step of an optax transformation on fixed, cycled gradients (``around_window``:
     see :func:`timed_loop`)."""
@@ -742,8 +743,8 @@ class Suite:
     def __init__(self, args):
         self.args = args
         self.results: dict[str, Any] = {}
-        self.soap_info: Optional[dict[str, Any]] = None
-        self.on_abort: Optional[Callable[[], None]] = None
+        self.soap_info: dict[str, Any] | None = None
+        self.on_abort: Callable[[], None] | None = None
         self.rounds: int = args.rounds
         self._queue: list = []
 
@@ -841,7 +842,8 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> None:
     flops = soap_flops(shapes, f)
     mix = soap_matmul_mix(shapes)
     _status(f"SOAP analytic flops: {flops['step_flops'] / 1e9:.2f} GFLOP/step + refresh "
-            f"{flops['refresh_flops'] / 1e9:.2f} GFLOP every {f} steps = {flops['amortized_flops'] / 1e9:.2f} GFLOP/step")
+            f"{flops['refresh_flops'] / 1e9:.2f} GFLOP every {f} steps = "
+            f"{flops['amortized_flops'] / 1e9:.2f} GFLOP/step")
     measure = {"jax": jax_matmul_rate, "torch": torch_matmul_rate}
     measurements: dict[str, list[dict[str, Any]]] = {fw: [] for fw in measure}
 
@@ -911,8 +913,8 @@ def suite_soap(S: Suite, wl, steps: int, reps: int) -> None:
 
     sec = "soap"
     S.run(sec, "torch_bridge.SOAP", "torch", "ours", floored("torch", ours_torch), algo="soap")
-    S.run(sec, "heavyball.SOAP" + ("" if S.args.heavyball_compile == "off" else f" (compile={S.args.heavyball_compile})"),
-          "torch", "peer", floored("torch", heavyball_soap), algo="soap")
+    compiled = "" if S.args.heavyball_compile == "off" else f" (compile={S.args.heavyball_compile})"
+    S.run(sec, "heavyball.SOAP" + compiled, "torch", "peer", floored("torch", heavyball_soap), algo="soap")
     S.run(sec, "pytorch_optimizer.SOAP", "torch", "peer", floored("torch", pto_soap), algo="soap")
     S.run(sec, "torch.optim.AdamW", "torch", "baseline", adamw_torch, algo="adamw")
     S.run(sec, "optax.adamw (jit)", "jax", "baseline", adamw_jax, algo="adamw")
@@ -1103,8 +1105,8 @@ def _mb(b):
     return None if b is None else b / 2**20
 
 
-def _bounded_target(target: str, e: Optional[dict], key: str, bound: float,
-                    also: Optional[tuple[str, str]] = None) -> dict:
+def _bounded_target(target: str, e: dict | None, key: str, bound: float,
+                    also: tuple[str, str] | None = None) -> dict:
     """A target line: row ``e``'s ``e[key] ≤ bound`` (not judged without the row or the figure); ``also``,
     ``(other key, what it is against)``, is shown beside the value."""
     value = e.get(key) if e else None
@@ -1372,7 +1374,8 @@ def main(argv=None) -> int:
         "`rounds`). A SOAP row's floor comes from the matmul rates measured right before and right after its "
         "timed window; the run floor, from the fastest measurement of each shape in the whole run.",
     ]
-    _status(f"workload {wl['name']}: {len(wl['shapes'])} tensors, {sum(math.prod(s) for s in wl['shapes']) / 1e6:.2f} M "
+    n_params = sum(math.prod(s) for s in wl["shapes"])
+    _status(f"workload {wl['name']}: {len(wl['shapes'])} tensors, {n_params / 1e6:.2f} M "
             f"params; steps {steps}, batch {batch}; results -> {args.out_dir}/{name}.md")
     S = Suite(args)
 

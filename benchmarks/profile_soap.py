@@ -30,8 +30,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step as B  # noqa: E402
@@ -50,7 +51,9 @@ def _profile(label: str, kinds: collections.Counter, counts: collections.Counter
     return dict(label=label, wall_ms=wall_ms, ms=dict(kinds), count=dict(counts))
 
 
-def hlo_kinds(events: list[dict[str, Any]], start_us: float, end_us: float) -> tuple[collections.Counter, collections.Counter]:
+def hlo_kinds(
+    events: list[dict[str, Any]], start_us: float, end_us: float
+) -> tuple[collections.Counter, collections.Counter]:
     """Time (ms) and count per HLO operation kind among the complete trace events in ``[start, end]``."""
     ms, count = collections.Counter(), collections.Counter()
     for e in events:
@@ -163,7 +166,8 @@ def render(results: dict[str, list[dict[str, Any]]], workload: str, top: int) ->
         kinds = sorted(set(refresh["ms"]) | set(regular["ms"]), key=lambda k: -refresh["ms"].get(k, 0.0))
         shown, rest = kinds[:top], kinds[top:]
         lines += ["", f"## {framework}", "",
-                  f"| operation | refresh step ({refresh['wall_ms']:.0f} ms wall) | regular step ({regular['wall_ms']:.0f} ms wall) |",
+                  f"| operation | refresh step ({refresh['wall_ms']:.0f} ms wall) "
+                  f"| regular step ({regular['wall_ms']:.0f} ms wall) |",
                   "|---|---:|---:|"]
 
         def cell(step, names):

@@ -12,7 +12,8 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -163,7 +164,7 @@ class RunResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunResult":
+    def from_dict(cls, d: dict) -> RunResult:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -176,8 +177,8 @@ def eval_schedule(cfg: TrainConfig) -> list[int]:
 
 def run_training(result: RunResult, cfg: TrainConfig, sampler: Iterator[tuple[np.ndarray, np.ndarray]],
                  train_step: Callable[[np.ndarray, np.ndarray], Any], evaluate: Callable[[], float], *,
-                 win_rate: Optional[Callable[[], float]] = None, sync: Callable[[Any], Any] = lambda x: x,
-                 desc: str = "", progress: bool = True, position: Optional[int] = None) -> RunResult:
+                 win_rate: Callable[[], float] | None = None, sync: Callable[[Any], Any] = lambda x: x,
+                 desc: str = "", progress: bool = True, position: int | None = None) -> RunResult:
     """The framework-independent loop: ``cfg.steps`` calls of ``train_step(x, y) -> loss``, evaluations
     at :func:`eval_schedule`, a progress bar, and a stop at the first non-finite loss.
 
@@ -199,7 +200,7 @@ def run_training(result: RunResult, cfg: TrainConfig, sampler: Iterator[tuple[np
             result.first_step_s = time.perf_counter() - t_start
             t_start = time.perf_counter()
         if step in eval_at:
-            losses = [float(l) for l in pending]
+            losses = [float(loss) for loss in pending]
             pending.clear()
             result.train_loss.extend(losses)
             ev = evaluate()

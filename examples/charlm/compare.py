@@ -122,8 +122,8 @@ def available(framework: str, optimizer: str) -> str | None:
 
 def steps_to_reach(steps: list[int], losses: list[float], target: float) -> int | None:
     """First step at which ``losses`` is at or below ``target`` (None if never)."""
-    for s, l in zip(steps, losses):
-        if s > 0 and math.isfinite(l) and l <= target:
+    for s, loss in zip(steps, losses):
+        if s > 0 and math.isfinite(loss) and loss <= target:
             return s
     return None
 
@@ -208,9 +208,9 @@ def plot(runs: list[common.RunResult], rows: list[dict], eval_every: int, path: 
     fig, axes = plt.subplots(1, len(frameworks) + 1, figsize=(5.5 * (len(frameworks) + 1), 4.5),
                              squeeze=False)
     axes = axes[0]
-    finite = [l for r in best.values() for l in r.eval_loss if math.isfinite(l)]
-    finite_train = [l for r in best.values() for l in windowed_train_loss(r, eval_every)[1]
-                    if math.isfinite(l)]
+    finite = [x for r in best.values() for x in r.eval_loss if math.isfinite(x)]
+    finite_train = [x for r in best.values() for x in windowed_train_loss(r, eval_every)[1]
+                    if math.isfinite(x)]
     lo = min(finite + finite_train) - 0.05 if finite else 0.0
     for ax, fw in zip(axes, frameworks):
         for opt in common.OPTIMIZERS:

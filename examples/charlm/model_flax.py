@@ -79,7 +79,7 @@ class GPT(nnx.Module):
         x = self.lnf(x)
         return self.wte.attend(x) if self.head is None else self.head(x)
 
-    def load_canonical(self, params: dict[str, np.ndarray]) -> "GPT":
+    def load_canonical(self, params: dict[str, np.ndarray]) -> GPT:
         """Copies the weights of ``common.init_params`` (same (in, out) layout as nnx.Linear)."""
         def put(var: nnx.Variable, value: np.ndarray):
             if tuple(var.shape) != tuple(value.shape):
@@ -90,13 +90,16 @@ class GPT(nnx.Module):
         put(self.wpe.embedding, params["wpe"])
         for i, blk in enumerate(self.blocks):
             p = f"h{i}."
-            put(blk.ln1.scale, params[p + "ln1.scale"]); put(blk.ln1.bias, params[p + "ln1.bias"])
-            put(blk.ln2.scale, params[p + "ln2.scale"]); put(blk.ln2.bias, params[p + "ln2.bias"])
+            put(blk.ln1.scale, params[p + "ln1.scale"])
+            put(blk.ln1.bias, params[p + "ln1.bias"])
+            put(blk.ln2.scale, params[p + "ln2.scale"])
+            put(blk.ln2.bias, params[p + "ln2.bias"])
             for lin, name in ((blk.attn.qkv, "attn.qkv"), (blk.attn.proj, "attn.proj"),
                               (blk.mlp.fc, "mlp.fc"), (blk.mlp.proj, "mlp.proj")):
                 put(lin.kernel, params[p + name + ".w"])
                 put(lin.bias, params[p + name + ".b"])
-        put(self.lnf.scale, params["lnf.scale"]); put(self.lnf.bias, params["lnf.bias"])
+        put(self.lnf.scale, params["lnf.scale"])
+        put(self.lnf.bias, params["lnf.bias"])
         if self.head is not None:
             put(self.head.kernel, params["head.w"])
         return self

@@ -83,7 +83,7 @@ class GPT(nn.Module):
         return x @ self.wte.weight.T if self.head is None else self.head(x)
 
     @torch.no_grad()
-    def load_canonical(self, params: dict[str, np.ndarray]) -> "GPT":
+    def load_canonical(self, params: dict[str, np.ndarray]) -> GPT:
         """Copies the weights of ``common.init_params`` (Linear weights there are (in, out))."""
         def put(tensor: torch.Tensor, value: np.ndarray, transpose: bool = False):
             value = torch.from_numpy(np.ascontiguousarray(value.T if transpose else value))
@@ -95,13 +95,16 @@ class GPT(nn.Module):
         put(self.wpe.weight, params["wpe"])
         for i, blk in enumerate(self.blocks):
             p = f"h{i}."
-            put(blk.ln1.weight, params[p + "ln1.scale"]); put(blk.ln1.bias, params[p + "ln1.bias"])
-            put(blk.ln2.weight, params[p + "ln2.scale"]); put(blk.ln2.bias, params[p + "ln2.bias"])
+            put(blk.ln1.weight, params[p + "ln1.scale"])
+            put(blk.ln1.bias, params[p + "ln1.bias"])
+            put(blk.ln2.weight, params[p + "ln2.scale"])
+            put(blk.ln2.bias, params[p + "ln2.bias"])
             for lin, name in ((blk.attn.qkv, "attn.qkv"), (blk.attn.proj, "attn.proj"),
                               (blk.mlp.fc, "mlp.fc"), (blk.mlp.proj, "mlp.proj")):
                 put(lin.weight, params[p + name + ".w"], transpose=True)
                 put(lin.bias, params[p + name + ".b"])
-        put(self.lnf.weight, params["lnf.scale"]); put(self.lnf.bias, params["lnf.bias"])
+        put(self.lnf.weight, params["lnf.scale"])
+        put(self.lnf.bias, params["lnf.bias"])
         if self.head is not None:
             put(self.head.weight, params["head.w"], transpose=True)
         return self

@@ -7,7 +7,8 @@ traced JAX value under ``optax.inject_hyperparams``, a schedule, a tensor) are l
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 
 def is_number(value: Any) -> bool:

@@ -10,7 +10,8 @@ the same choice as a ``lax.while_loop`` of zero or one trip, whose carry XLA kee
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -43,7 +43,8 @@ the pure functions :func:`gnb_diag_from_labels` / :func:`hutchinson_diag_from_pr
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 PyTree = Any
-Seed = Union[int, jax.Array]
+Seed = int | jax.Array
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def default_sample_labels(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jax.random.categorical(key, logits.astype(_work_dtype(logits.dtype)), axis=-1)
 
 
-def _check_mask(mask: Optional[jax.Array], logits: jax.Array) -> None:
+def _check_mask(mask: jax.Array | None, logits: jax.Array) -> None:
     if mask is not None and tuple(jnp.shape(mask)) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"Invalid logits_mask: shape {tuple(jnp.shape(mask))} (must equal logits.shape[:-1] "
@@ -132,8 +133,8 @@ def _check_mask(mask: Optional[jax.Array], logits: jax.Array) -> None:
 def _gnb_diag(
     logits_fn: Callable[[PyTree], jax.Array],
     params: PyTree,
-    labels_or_sampler: Union[jax.Array, Callable[[jax.Array], jax.Array]],
-    mask: Optional[jax.Array],
+    labels_or_sampler: jax.Array | Callable[[jax.Array], jax.Array],
+    mask: jax.Array | None,
     scale_by_batch_size: bool,
 ) -> PyTree:
     """One forward + one backward (a VJP through ``logits_fn``): ``ĝ ⊙ ĝ`` (times N if asked)."""
@@ -175,7 +176,7 @@ def gnb_diag_from_labels(
     logits_fn: Callable[[PyTree], jax.Array],
     params: PyTree,
     labels: jax.Array,
-    mask: Optional[jax.Array] = None,
+    mask: jax.Array | None = None,
     *,
     scale_by_batch_size: bool = False,
 ) -> PyTree:
@@ -204,7 +205,7 @@ def gnb_hessian_estimator(
     seed: Seed = 0,
     *,
     scale_by_batch_size: bool = False,
-    sample_labels_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
+    sample_labels_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gauss-Newton-Bartlett estimator of the Hessian diagonal (Sophia-G).
 
@@ -344,7 +345,7 @@ def hutchinson_hessian_estimator(
     *,
     distribution: str = "gaussian",
     absolute: bool = False,
-    probe_fn: Optional[Callable[[jax.Array, PyTree], PyTree]] = None,
+    probe_fn: Callable[[jax.Array, PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Hutchinson estimator of the Hessian diagonal (Sophia-H): ``ĥ = v ⊙ (H v)``.
 

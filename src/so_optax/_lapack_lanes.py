@@ -29,7 +29,6 @@ the old count (its results do not depend on it, only its speed).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import jax
 
@@ -57,7 +56,7 @@ def lapack_threads(default: int) -> int:
     return max((info["num_threads"] for info in openblas or blas), default=default)
 
 
-def lane_count() -> Optional[int]:
+def lane_count() -> int | None:
     """How many decompositions to run at once: no bound (``None``) off CPU or with a one-thread
     LAPACK, else ``cores // lapack_threads``."""
     if jax.default_backend() != "cpu":

@@ -14,12 +14,12 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-Basis = Optional[jax.Array]
+Basis = jax.Array | None
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -66,7 +66,7 @@ def gram(x: jax.Array, axis: int) -> jax.Array:
     return jnp.tensordot(x, x, axes=(others, others))
 
 
-def after(x: jax.Array, previous: Union[None, jax.Array, Sequence[jax.Array]]) -> jax.Array:
+def after(x: jax.Array, previous: None | jax.Array | Sequence[jax.Array]) -> jax.Array:
     """``x`` unchanged, but not computable before ``previous`` (an array, or every array of a sequence;
     ``None``, an empty sequence or arrays without elements: no constraint).
 
@@ -107,7 +107,7 @@ class Lanes:
     depend on ``count``.
     """
 
-    def __init__(self, count: Optional[int] = None):
+    def __init__(self, count: int | None = None):
         if count is not None and count < 1:
             raise ValueError(f"count must be None or at least 1, got {count}")
         self._waits_for: list[list[jax.Array]] = [[] for _ in range(count or 0)]
@@ -147,7 +147,7 @@ def _finite_or(mat: jax.Array, fallback: jax.Array) -> jax.Array:
     return jnp.where(jnp.all(jnp.isfinite(mat)), mat, fallback.astype(mat.dtype))
 
 
-def eigh_descending(mat: jax.Array, fallback: jax.Array, lanes: Optional[Lanes] = None) -> jax.Array:
+def eigh_descending(mat: jax.Array, fallback: jax.Array, lanes: Lanes | None = None) -> jax.Array:
     """Eigenvectors of the symmetric ``mat`` as columns, by descending eigenvalue.
 
     ``mat`` is decomposed in its own dtype (float32 or wider), in ``lanes`` if given. If the
@@ -171,7 +171,7 @@ def power_iteration_products(factor: jax.Array, basis: jax.Array) -> tuple[jax.A
 
 
 def power_iteration_refresh(
-    factor: jax.Array, basis: jax.Array, lanes: Optional[Lanes] = None
+    factor: jax.Array, basis: jax.Array, lanes: Lanes | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """One step of subspace (power) iteration with QR, the cheap SOAP eigenbasis refresh.
 
@@ -200,7 +200,7 @@ def power_iteration_refresh(
 # launches.
 
 
-def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array, lanes: Optional[Lanes] = None) -> jax.Array:
+def stacked_eigh_descending(mats: jax.Array, fallbacks: jax.Array, lanes: Lanes | None = None) -> jax.Array:
     """:func:`eigh_descending` over a leading batch axis (one decomposition per matrix)."""
     return jnp.stack([eigh_descending(mats[b], fallbacks[b], lanes) for b in range(mats.shape[0])])
 
@@ -224,7 +224,7 @@ def stacked_finite_or(mats: Sequence[jax.Array], fallbacks: jax.Array, lanes: La
 
 
 def stacked_power_iteration_refresh(
-    factors: jax.Array, bases: jax.Array, lanes: Optional[Lanes] = None
+    factors: jax.Array, bases: jax.Array, lanes: Lanes | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`power_iteration_refresh` over a leading batch axis: ``(new_bases, orders)``."""
     lanes = lanes or Lanes()

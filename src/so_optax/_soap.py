@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative
 from so_optax import _control, _lapack_lanes, _linalg, _params
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 #: Options of :func:`soap` / :func:`scale_by_soap` that fix shapes and control flow. Pass them as
 #: ``static_args`` to ``optax.inject_hyperparams`` (``max_precond_dim`` is the one that is required:
@@ -341,7 +342,7 @@ def _soap_transform(
         lr_now = None
         if learning_rate is not None and not static_zero_decay:
             lr_now = learning_rate(count) if callable(learning_rate) else learning_rate
-        for ((_, precond, dtype, *_), members), ops, res in zip(groups, stacked, results):
+        for ((_, _, dtype, *_), members), ops, res in zip(groups, stacked, results):
             tf = t.astype(dtype)
             if correct_bias:
                 scale = jnp.sqrt(1 - jnp.power(cast(b2, dtype), tf)) / (1 - jnp.power(cast(b1, dtype), tf))
@@ -463,7 +464,7 @@ def soap(
     normalize_grads: bool = False,
     data_format: str = "channels_first",
     correct_bias: bool = True,
-    learning_rate: Optional[ScalarOrSchedule] = None,
+    learning_rate: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
     r"""The SOAP optimizer's descent direction, with decoupled weight decay.
 

@@ -12,7 +12,8 @@ bounded size where it is not (small, negative or stale ``h``).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +153,7 @@ def _clip(bound: jax.Array) -> Callable[[jax.Array], jax.Array]:
 
 
 @jax.jit
-def _win_rate(state: "SophiaState") -> jax.Array:
+def _win_rate(state: SophiaState) -> jax.Array:
     leaves = jax.tree.leaves(_ratios(state.mu, state.nu, state.count, state.clip_rule))
     size = sum(int(np.prod(np.shape(r))) for r in leaves)
     if not size:
@@ -219,14 +220,14 @@ def sophia(
     rho: float = 0.03,
     weight_decay: float = 0.0,
     k: int = 10,
-    estimator: Union[str, optax.GradientTransformation] = "gnb",
+    estimator: str | optax.GradientTransformation = "gnb",
     eps: float = 1e-12,
     *,
     form: str = "seed",
     gamma: float = 0.01,
     bias_correction: bool = False,
-    seed: Union[int, jax.Array] = 0,
-    weight_decay_mask: Optional[Union[PyTree, Callable[[PyTree], PyTree]]] = None,
+    seed: int | jax.Array = 0,
+    weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia: clipped, diagonally preconditioned momentum (Sophia-G / Sophia-H).
 

@@ -19,7 +19,7 @@ All functions handle every parameter in ONE autograd call.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def _is_freed_graph_error(err: RuntimeError) -> bool:
     return any(marker in message for marker in _FREED_GRAPH_MARKERS)
 
 
-def sample_labels(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples one label per position from ``softmax(logits)``.
 
     Args:
@@ -61,7 +61,7 @@ def sample_labels(logits: torch.Tensor, generator: Optional[torch.Generator] = N
 
 
 def sampled_label_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``labels`` under ``logits`` over the positions kept by ``mask``.
 
@@ -98,7 +98,7 @@ def gnb_hessian_diagonal(
     logits: torch.Tensor,
     params: Sequence[torch.Tensor],
     labels: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
     *,
     scale_by_positions: bool = False,
 ) -> list[torch.Tensor]:
@@ -152,7 +152,7 @@ def gnb_hessian_diagonal(
 def draw_probes(
     params: Sequence[torch.Tensor],
     distribution: str = "gaussian",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
     """Draws Hutchinson probes ``v`` with ``E[v vᵀ] = I``, one per parameter.
 
@@ -176,11 +176,11 @@ def draw_probes(
 
 
 def hessian_vector_product(
-    loss: Optional[torch.Tensor],
+    loss: torch.Tensor | None,
     params: Sequence[torch.Tensor],
     vectors: Sequence[torch.Tensor],
     *,
-    grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    grads: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Computes ``H v`` for the Hessian ``H = ∇²θ loss`` by a double backward pass.
 

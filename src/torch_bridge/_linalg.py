@@ -20,7 +20,7 @@ A basis list holds one entry per work dimension: a ``(d, d)`` matrix, or an empt
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common import validation
+from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 
 from ._linalg import (
     compute_dtype,
@@ -232,7 +233,7 @@ class SOAP(Optimizer):
                 self.state[p] = state
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Performs one optimization step.
 
         Args:

@@ -6,7 +6,8 @@ Second-order Optimizer for Language Model Pre-training", arXiv:2305.14342 (2023)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.optim.optimizer import Optimizer
@@ -168,7 +169,7 @@ class Sophia(Optimizer):
         super().__init__(params, defaults)
         self._win_counts: list[torch.Tensor] = []
         self._win_total = 0
-        self._win_record: Optional[list[tuple]] = None  # pending win-rate inputs of the latest step
+        self._win_record: list[tuple] | None = None  # pending win-rate inputs of the latest step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group after checking its hyperparameters (named in the ``ValueError``) and that
@@ -219,7 +220,7 @@ class Sophia(Optimizer):
 
     # ------------------------------------------------------------------ diagnostics
     @property
-    def win_rate(self) -> Optional[float]:
+    def win_rate(self) -> float | None:
         """Fraction of coordinates whose update was NOT clipped in the latest step (``None`` before)."""
         self._materialize_win_rate()
         if self._win_total == 0:
@@ -295,11 +296,11 @@ class Sophia(Optimizer):
     @torch.no_grad()
     def step(
         self,
-        closure: Optional[Callable[[], torch.Tensor]] = None,
-        logits: Optional[torch.Tensor] = None,
+        closure: Callable[[], torch.Tensor] | None = None,
+        logits: torch.Tensor | None = None,
         *,
-        logits_mask: Optional[torch.Tensor] = None,
-    ) -> Optional[torch.Tensor]:
+        logits_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Performs one Sophia step.
 
         Args:
@@ -317,7 +318,7 @@ class Sophia(Optimizer):
         loss = None
         groups = self.param_groups
         hutch_groups = [g for g in groups if g["hessian_computation_type"] == "hutchinson"]
-        closure_grads: Optional[dict[torch.Tensor, torch.Tensor]] = None
+        closure_grads: dict[torch.Tensor, torch.Tensor] | None = None
         estimates: dict[torch.Tensor, torch.Tensor] = {}
 
         # --- gradients (and the Hutchinson estimate) from a loss-returning closure
@@ -327,7 +328,7 @@ class Sophia(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+        def grad_of(p: torch.Tensor) -> torch.Tensor | None:
             if closure_grads is not None:
                 return closure_grads.get(p)
             return p.grad
@@ -359,7 +360,7 @@ class Sophia(Optimizer):
     def _update_group(
         self,
         group: dict[str, Any],
-        grad_of: Callable[[torch.Tensor], Optional[torch.Tensor]],
+        grad_of: Callable[[torch.Tensor], torch.Tensor | None],
         estimates: dict[torch.Tensor, torch.Tensor],
     ) -> None:
         """One Sophia step for every parameter of ``group`` with a gradient (multi-tensor ops).
@@ -455,8 +456,8 @@ class Sophia(Optimizer):
 
     def _gnb_estimates(
         self,
-        logits: Optional[torch.Tensor],
-        logits_mask: Optional[torch.Tensor],
+        logits: torch.Tensor | None,
+        logits_mask: torch.Tensor | None,
         refresh: list[tuple[torch.Tensor, dict[str, Any]]],
     ) -> dict[torch.Tensor, torch.Tensor]:
         """One label sample and one backward for all refreshed 'gnb' parameters."""
@@ -528,7 +529,7 @@ class Sophia(Optimizer):
         return loss.detach(), grad_map, estimates
 
     @torch.no_grad()
-    def update_hessian(self, batch_size: Optional[float] = None) -> None:
+    def update_hessian(self, batch_size: float | None = None) -> None:
         r"""Folds the Gauss-Newton-Bartlett estimate from ``p.grad`` into the Hessian EMA.
 
         The official SophiaG pattern: after ``loss_of_sampled_labels.backward()`` (labels sampled from
@@ -555,7 +556,7 @@ class Sophia(Optimizer):
                 state["hessian_buffer"].mul_(beta2).addcmul_(p.grad, p.grad, value=(1.0 - beta2) * scale)
 
 
-def _num_positions(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor | float:
+def _num_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
     if mask is None:
         return float(logits.reshape(-1, logits.shape[-1]).shape[0])
     return mask.to(torch.bool).sum().to(logits.dtype)

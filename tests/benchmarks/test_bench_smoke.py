@@ -26,7 +26,7 @@ def _load_script(name: str):
     return mod
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bench_module():
     """``bench_step`` loaded once: the tests only call its pure helpers."""
     return _load_script("bench_step")

@@ -54,8 +54,9 @@ def test_corpus_and_sampler():
 
 def test_schedules_agree():
     pytest.importorskip("jax")
-    from examples.charlm import train_jax
     import numpy as np
+
+    from examples.charlm import train_jax
     cfg = common.TrainConfig(steps=50)
     got = np.asarray(train_jax.make_schedule(2.0, cfg)(np.arange(cfg.steps)))
     want = [2.0 * common.lr_multiplier(step, cfg) for step in range(cfg.steps)]

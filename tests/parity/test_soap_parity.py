@@ -38,8 +38,14 @@ CASES = {
     "0d-merge": ([(), (3, 3)], dict(merge_dims=True), True),  # (3, 3) merges to a 9-vector
     "3d": ([(3, 4, 5)], dict(precondition_frequency=5), True),
     "4d-channels-first": ([(4, 3, 2, 2)], dict(precondition_frequency=5), True),
-    "4d-channels-first-merge": ([(4, 3, 2, 2)], dict(merge_dims=True, max_precond_dim=6, precondition_frequency=5), True),
-    "4d-channels-last-merge": ([(4, 2, 2, 3)], dict(merge_dims=True, max_precond_dim=6, data_format="channels_last", precondition_frequency=5), True),
+    "4d-channels-first-merge": (
+        [(4, 3, 2, 2)], dict(merge_dims=True, max_precond_dim=6, precondition_frequency=5), True
+    ),
+    "4d-channels-last-merge": (
+        [(4, 2, 2, 3)],
+        dict(merge_dims=True, max_precond_dim=6, data_format="channels_last", precondition_frequency=5),
+        True,
+    ),
     "above-max-precond-dim": ([(4, 12), (12, 3)], dict(max_precond_dim=8, precondition_frequency=4), True),
     "merge-dims": ([(2, 3, 4), (6, 2)], dict(merge_dims=True, max_precond_dim=8, precondition_frequency=4), True),
     "normalize-grads": ([(5, 5), (6,)], dict(normalize_grads=True), False),

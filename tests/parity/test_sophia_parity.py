@@ -109,7 +109,10 @@ def test_sophia_lockstep_float64(torch_options, estimator):
                 torch.nn.functional.cross_entropy(logits, yt).backward(retain_graph=True)
                 opt.step(logits=logits)
             else:
-                opt.step(closure=lambda: torch.nn.functional.cross_entropy(torch_logits(torch_params, xt), yt))
+                def closure(xt=xt, yt=yt):
+                    return torch.nn.functional.cross_entropy(torch_logits(torch_params, xt), yt)
+
+                opt.step(closure=closure)
             new_params, state = jax_step(params, state, x, y, labels[t], probes[t])
             for n in names:
                 torch_update = (torch_params[n].detach() - before[n]).numpy()
@@ -134,7 +137,9 @@ def test_hessian_vector_products_agree():
     names = list(SHAPES)
     torch_params = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in init.items()}
     loss = torch.nn.functional.cross_entropy(torch_logits(torch_params, torch.as_tensor(x)), torch.as_tensor(y))
-    torch_hv = hessian_vector_product(loss, [torch_params[n] for n in names], [torch.as_tensor(probes[0][n]) for n in names])
+    torch_hv = hessian_vector_product(
+        loss, [torch_params[n] for n in names], [torch.as_tensor(probes[0][n]) for n in names]
+    )
 
     with jax.enable_x64(True):
         params = {n: jnp.asarray(v) for n, v in init.items()}

@@ -226,16 +226,16 @@ def test_decompositions_only_on_first_call_and_refresh_steps():
     params = {"w": jnp.ones((6, 5)), "b": jnp.ones((6,)), "k": jnp.ones((3, 4, 5))}
     comps, entry = computations(_donated_step_hlo(params)[0])
     decomposition = ("syevd", "geqrf", "orgqr")
-    found = {name for name, lines in comps.items() for l in lines if any(d in l for d in decomposition)}
+    found = {name for name, lines in comps.items() for line in lines if any(d in line for d in decomposition)}
     assert found, "expected LAPACK eigh/QR calls in the compiled step"
     assert entry not in found
     # every computation holding a decomposition is reached only through a while loop's body
-    bodies = {l.split("body=")[1].split(",")[0].split()[0].lstrip("%") for lines in comps.values()
-              for l in lines if " while(" in l}
+    bodies = {line.split("body=")[1].split(",")[0].split()[0].lstrip("%") for lines in comps.values()
+              for line in lines if " while(" in line}
     def calls(line, name):
         return re.search(rf"%{re.escape(name)}(?![\w.])", line) is not None
 
-    callers = {name: {c for c, lines in comps.items() for l in lines if c != name and calls(l, name)}
+    callers = {name: {c for c, lines in comps.items() for line in lines if c != name and calls(line, name)}
                for name in comps}
 
     def under_loop(name, seen=()):

@@ -450,7 +450,7 @@ def test_empty_leaves_change_nothing_else(estimator):
         tx = so_optax.sophia(k=2, estimator=estimator, weight_decay=0.1)
         kw = dict(logits_fn=logits_fn) if estimator == "gnb" else dict(obj_fn=loss)
         state = tx.init(p)
-        step = jax.jit(lambda g, s, q: tx.update(g, s, q, **kw))
+        step = jax.jit(lambda g, s, q, tx=tx, kw=kw: tx.update(g, s, q, **kw))
         for _ in range(4):
             d, state = step(jax.grad(loss)(p), state, p)
             p = optax.apply_updates(p, jax.tree.map(lambda u: -0.01 * u, d))

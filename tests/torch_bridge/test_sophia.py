@@ -129,7 +129,9 @@ def test_matches_seed_gnb_float64(monkeypatch):
             loss.backward(retain_graph=True)
             if opt is ref_opt:  # the seed samples per parameter: give every sample the same labels
                 with monkeypatch.context() as mp:
-                    mp.setattr(torch, "multinomial", lambda probs, num_samples, **_: labels.unsqueeze(-1))
+                    mp.setattr(
+                        torch, "multinomial", lambda probs, num_samples, labels=labels, **_: labels.unsqueeze(-1)
+                    )
                     opt.step(logits=logits)
             else:
                 opt.labels = labels
@@ -170,7 +172,7 @@ def test_matches_seed_hutchinson_float64(monkeypatch):
             if opt is ref_opt:
                 it = iter(probes)
                 with monkeypatch.context() as mp:
-                    mp.setattr(torch, "randn_like", lambda t, *a, **k: next(it))
+                    mp.setattr(torch, "randn_like", lambda t, *a, it=it, **k: next(it))
                     results.append(opt.step(closure=closure))
             else:
                 opt.probes = probes
@@ -200,7 +202,7 @@ def test_seed_checkpoint_loads_and_continues_in_lockstep(monkeypatch):
         logits = ref_model(x)
         F.cross_entropy(logits, y).backward(retain_graph=True)
         with monkeypatch.context() as mp:
-            mp.setattr(torch, "multinomial", lambda probs, num_samples, **_: labels.unsqueeze(-1))
+            mp.setattr(torch, "multinomial", lambda probs, num_samples, labels=labels, **_: labels.unsqueeze(-1))
             ref_opt.step(logits=logits)
 
     for _ in range(5):
