@@ -47,6 +47,12 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
 
 
+def check_nonnegative_int(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is an ``int`` >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 0)")
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:

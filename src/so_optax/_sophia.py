@@ -11,6 +11,7 @@ bounded size where it is not (small, negative or stale ``h``).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -108,10 +109,12 @@ def _make_estimator(estimator, form: str, seed) -> optax.GradientTransformationE
 class SophiaClipRule(NamedTuple):
     """The ratio and clipping rule of one :func:`sophia` transformation, as arrays in its state.
 
-    Both forms are ``r = m̂ / max(gamma·h + shift, floor)`` clipped to ``±bound``, with
-    ``m̂ = m / (1 − bias_decay^t)``: the seed form is ``gamma = 1, shift = eps, floor = −inf,
+    Both forms are ``r = m̂ / max(gamma·hessian_scale·h + shift, floor)`` clipped to ``±bound``,
+    with ``m̂ = m / (1 − bias_decay^t)``: the seed form is ``gamma = 1, shift = eps, floor = −inf,
     bound = rho``, the paper form ``shift = 0, floor = eps, bound = 1``; ``bias_decay`` is ``β1``
-    with ``bias_correction`` and ``0`` (no correction) without. The step and
+    with ``bias_correction`` and ``0`` (no correction) without; ``hessian_scale`` is
+    ``1 / (1 − β2ⁿ)`` after ``n ≥ 1`` refreshes with ``hessian_bias_correction`` and ``1``
+    otherwise (it is the one field that changes between steps). The step and
     :attr:`SophiaState.win_rate` both evaluate this one rule, so they agree exactly.
     """
 
@@ -120,6 +123,7 @@ class SophiaClipRule(NamedTuple):
     floor: jax.Array
     bound: jax.Array
     bias_decay: jax.Array
+    hessian_scale: jax.Array
 
 
 def _clip_rule(form: str, rho, gamma, eps, b1, bias_correction: bool) -> SophiaClipRule:
@@ -130,7 +134,28 @@ def _clip_rule(form: str, rho, gamma, eps, b1, bias_correction: bool) -> SophiaC
         rule = (1.0, eps, -jnp.inf, rho)
     else:
         rule = (gamma, 0.0, eps, 1.0)
-    return SophiaClipRule(*map(scalar, rule), bias_decay=scalar(b1 if bias_correction else 0.0))
+    return SophiaClipRule(*map(scalar, rule), bias_decay=scalar(b1 if bias_correction else 0.0),
+                          hessian_scale=scalar(1.0))
+
+
+def _refreshes(count: jax.Array, k, early_refresh_steps) -> jax.Array:
+    """Number of refresh steps among ``1..count``: every ``t <= early_refresh_steps`` and every
+    multiple of ``k`` after it, ``min(t, E) + max(0, ⌊t/k⌋ − ⌊E/k⌋)``."""
+    n = count // k
+    if _is_python_number(early_refresh_steps) and early_refresh_steps == 0:
+        return n
+    return jnp.minimum(count, early_refresh_steps) + jnp.maximum(n - early_refresh_steps // k, 0)
+
+
+def _hessian_scale(n: jax.Array, b2: float, like: jax.Array) -> jax.Array:
+    """``1 / (1 − β2ⁿ)``, the bias correction of an EMA started at 0 after ``n`` updates (1 for n = 0).
+
+    As ``−1 / expm1(n·log β2)`` with ``log β2`` taken in float64: ``1 − β2`` in float32 would be off by
+    1e-5 relative for β2 = 0.999.
+    """
+    log_b2 = jnp.asarray(math.log(b2) if b2 > 0 else -jnp.inf, like.dtype)
+    scale = -1.0 / jnp.expm1(n.astype(like.dtype) * log_b2)
+    return jnp.where(n > 0, scale, 1.0).astype(like.dtype)
 
 
 def _ratios(mu: PyTree, nu: PyTree, count: jax.Array, rule: SophiaClipRule) -> PyTree:
@@ -138,8 +163,10 @@ def _ratios(mu: PyTree, nu: PyTree, count: jax.Array, rule: SophiaClipRule) -> P
     m_hat = optax.tree.bias_correction(mu, rule.bias_decay, count)
 
     def ratio(m, n):
-        gamma, shift, floor = (x.astype(n.dtype) for x in (rule.gamma, rule.shift, rule.floor))
-        return m / jnp.maximum(gamma * n + shift, floor)
+        gamma, shift, floor, scale = (
+            x.astype(n.dtype) for x in (rule.gamma, rule.shift, rule.floor, rule.hessian_scale)
+        )
+        return m / jnp.maximum((gamma * scale) * n + shift, floor)
 
     return jax.tree.map(ratio, m_hat, nu)
 
@@ -226,6 +253,8 @@ def sophia(
     form: str = "seed",
     gamma: float = 0.01,
     bias_correction: bool = False,
+    hessian_bias_correction: bool = False,
+    early_refresh_steps: int = 0,
     seed: int | jax.Array = 0,
     weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -238,9 +267,11 @@ def sophia(
     At call ``t = 1, 2, ...`` with gradient ``g``::
 
         m ← β1·m + (1 − β1)·g                        (m̂ = m / (1 − β1^t) if bias_correction)
-        if t % k == 0:  ĥ = estimator(params);  h ← β2·h + (1 − β2)·ĥ      (h starts at 0)
-        seed form:   u = clip(m̂ / (h + eps), −rho, rho)
-        paper form:  u = clip(m̂ / max(gamma·h, eps), −1, 1)
+        if t % k == 0 or t <= early_refresh_steps:
+            ĥ = estimator(params);  h ← β2·h + (1 − β2)·ĥ;  n ← n + 1     (h and n start at 0)
+        ĥ̄ = h / (1 − β2ⁿ) if hessian_bias_correction and n > 0, else h
+        seed form:   u = clip(m̂ / (ĥ̄ + eps), −rho, rho)
+        paper form:  u = clip(m̂ / max(gamma·ĥ̄, eps), −1, 1)
         d = u + weight_decay·p
 
     The estimate is computed *only* on refresh steps (under ``lax.cond``; one compiled program
@@ -302,6 +333,15 @@ def sophia(
     parameters, so it is used from step ``t + 1``; here it is refreshed at the current parameters
     and used at step ``t``, as in the seed.)
 
+    **Short runs.** With ``h`` started at 0, the EMA holds only ``1 − β2ⁿ`` of the curvature's
+    scale after ``n`` refreshes (45% after 60 refreshes at β2 = 0.99), so ``gamma·h`` is several
+    times too small, and more coordinates are clipped, for much of a short run.
+    ``hessian_bias_correction=True`` divides by ``1 − β2ⁿ`` (Adam's correction, applied to the
+    refresh count; ``h`` itself and the checkpointed state are unchanged), and
+    ``early_refresh_steps=E`` also refreshes at every step ``t ≤ E``, so that the first steps are not
+    sign steps and the first ``h`` averages ``E`` estimates (``E`` more estimator calls in all).
+    Both are off by default: the seed's and the paper's rules are the default.
+
     **Weight decay.** ``d = u + weight_decay·p``, so ``p ← p·(1 − lr·weight_decay) − lr·u`` (the
     AdamW / official Sophia convention). The seed's torch optimizer applies ``p ← p·(1 − w)`` with
     its ``weight_decay = w``, i.e. ``weight_decay = w / lr`` here.
@@ -319,6 +359,10 @@ def sophia(
         form).
       bias_correction: divide ``m`` by ``1 − β1^t`` (Adam-style); off in the seed and in the
         official SophiaG, on in the official SophiaH.
+      hessian_bias_correction: divide ``h`` by ``1 − β2ⁿ`` in the ratio, ``n`` the number of
+        refreshes so far (see *Short runs*); off in the seed and the paper.
+      early_refresh_steps: also refresh ``h`` at every step ``t ≤ early_refresh_steps`` (default 0:
+        only at ``t = k, 2k, ...``).
       seed: int or PRNG key for the built-in estimators (ignored for a user transformation).
       weight_decay_mask: optional pytree of bools with the structure of params (or a prefix of
         it), or a function ``params -> such a pytree``; weight decay applies where ``True``.
@@ -327,7 +371,7 @@ def sophia(
       An :class:`optax.GradientTransformationExtraArgs` with :class:`SophiaState`. Its ``update``
       is ``update(grads, state, params, *, logits_fn=None, logits_mask=None, obj_fn=None,
       **estimator_extra_args)``; ``params`` is required. Numeric options (``rho``,
-      ``weight_decay``, ``eps``, ``gamma``, ``k``) may be traced, e.g. under
+      ``weight_decay``, ``eps``, ``gamma``, ``k``, ``early_refresh_steps``) may be traced, e.g. under
       ``optax.inject_hyperparams(so_optax.sophia, static_args=so_optax.SOPHIA_STATIC_ARGS)``.
 
     Example (Sophia-G in a jitted step)::
@@ -353,11 +397,15 @@ def sophia(
     validation.check_nonnegative("eps", eps)
     validation.check_nonnegative("gamma", gamma)
     validation.check_bool("bias_correction", bias_correction)
+    validation.check_bool("hessian_bias_correction", hessian_bias_correction)
+    if _is_python_number(early_refresh_steps) or isinstance(early_refresh_steps, (bool, np.generic)):
+        validation.check_nonnegative_int("early_refresh_steps", early_refresh_steps)
     if _is_python_number(k) or isinstance(k, (bool, np.generic)):
         validation.check_positive_int("k", k)
     est = _make_estimator(estimator, form, seed)
     b1, b2 = betas
     static_k_is_one = isinstance(k, numbers.Integral) and not isinstance(k, bool) and k == 1
+    no_early = _is_python_number(early_refresh_steps) and early_refresh_steps == 0
     clip_rule = _clip_rule(form, rho, gamma, eps, b1, bias_correction)
 
     def init_fn(params):
@@ -393,11 +441,16 @@ def sophia(
         if static_k_is_one:
             est_state, nu = refresh(state.estimator_state, state.nu)
         else:
-            est_state, nu = jax.lax.cond(
-                count % k == 0, refresh, keep, state.estimator_state, state.nu
-            )
+            due = count % k == 0
+            if not no_early:
+                due = due | (count <= early_refresh_steps)
+            est_state, nu = jax.lax.cond(due, refresh, keep, state.estimator_state, state.nu)
 
-        direction = jax.tree.map(_clip(clip_rule.bound), _ratios(mu, nu, count, clip_rule))
+        rule = clip_rule
+        if hessian_bias_correction:
+            n = count if static_k_is_one else _refreshes(count, k, early_refresh_steps)
+            rule = rule._replace(hessian_scale=_hessian_scale(n, b2, rule.hessian_scale))
+        direction = jax.tree.map(_clip(rule.bound), _ratios(mu, nu, count, rule))
 
         if not (_is_python_number(weight_decay) and weight_decay == 0):
             mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
@@ -422,7 +475,7 @@ def sophia(
             mu=mu,
             nu=nu,
             estimator_state=est_state,
-            clip_rule=clip_rule,
+            clip_rule=rule,
         )
         return direction, new_state
 

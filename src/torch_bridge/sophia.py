@@ -60,7 +60,9 @@ class Sophia(Optimizer):
           \theta \leftarrow \theta - \mathrm{lr}\, u_t
 
       with :math:`\tilde m_t = m_t / (1 - \beta_1^t)` if ``bias_correction`` else :math:`m_t` (the
-      seed form uses :math:`\tilde m_t` the same way); GNB uses
+      seed form uses :math:`\tilde m_t` the same way); with ``hessian_bias_correction`` both forms use
+      :math:`h_t / (1 - \beta_2^{n_t})` in place of :math:`h_t`, :math:`n_t \ge 1` the number of refreshes
+      so far (see ``so_optax.sophia``, *Short runs*); GNB uses
       :math:`\hat h = N\, \hat g \odot \hat g` (:math:`N` label positions), Hutchinson
       :math:`\hat h = v \odot Hv`. ``rho`` is not used.
 
@@ -123,6 +125,11 @@ class Sophia(Optimizer):
       form: ``'seed'`` or ``'paper'`` (keyword-only).
       gamma: the paper's scale of ``h`` (keyword-only, paper form only, default ``0.01``).
       bias_correction: divide ``m`` by ``1 - beta1**t`` in the ratio (keyword-only, both forms).
+      hessian_bias_correction: divide ``h`` by ``1 - beta2**n`` in the ratio, ``n`` the number of refreshes
+        so far (keyword-only, both forms; not with ``'manual'``, whose refreshes the optimizer does not
+        schedule).
+      early_refresh_steps: also refresh ``h`` at every step ``t <= early_refresh_steps`` (keyword-only,
+        default ``0``: only at ``t = k, 2k, ...``; not with ``'manual'``).
       probe: Hutchinson probe distribution, ``'gaussian'`` (seed) or ``'rademacher'`` (keyword-only).
 
     State per parameter: ``'step'`` (0-d int64 tensor), ``'momentum_buffer'`` (:math:`m`) and
@@ -149,6 +156,8 @@ class Sophia(Optimizer):
         form: str = "seed",
         gamma: float = 0.01,
         bias_correction: bool = False,
+        hessian_bias_correction: bool = False,
+        early_refresh_steps: int = 0,
         probe: str = "gaussian",
     ):
         defaults = dict(
@@ -162,6 +171,8 @@ class Sophia(Optimizer):
             form=form,
             gamma=gamma,
             bias_correction=bias_correction,
+            hessian_bias_correction=hessian_bias_correction,
+            early_refresh_steps=early_refresh_steps,
             probe=probe,
         )
         _check_hyperparameters(**defaults)
@@ -186,6 +197,8 @@ class Sophia(Optimizer):
             group.setdefault("form", "seed")
             group.setdefault("gamma", 0.01)
             group.setdefault("bias_correction", False)
+            group.setdefault("hessian_bias_correction", False)
+            group.setdefault("early_refresh_steps", 0)
             group.setdefault("probe", "gaussian")
             group.setdefault("hessian_computation_type", "gnb")
             for p in group["params"]:
@@ -250,13 +263,14 @@ class Sophia(Optimizer):
         counts: list[torch.Tensor] = []
         total = 0
         with torch.no_grad():
-            for ms, hs, corrections, paper, bound, eps, gamma in record:
+            for ms, hs, corrections, scales, paper, bound, eps, gamma in record:
                 for i, (m, h) in enumerate(zip(ms, hs)):
                     numer = m / corrections[i] if corrections is not None else m
+                    scale = scales[i] if scales is not None else 1.0
                     if paper:
-                        ratio = numer / (h * gamma).clamp_(min=eps)
+                        ratio = numer / (h * (gamma * scale)).clamp_(min=eps)
                     else:
-                        ratio = numer / (h + eps)
+                        ratio = numer / (h * scale + eps if scales is not None else h + eps)
                     counts.append((ratio.abs() < bound).sum())
                     total += ratio.numel()
         self._win_counts, self._win_total = counts, total
@@ -273,7 +287,7 @@ class Sophia(Optimizer):
     def _next_step_refreshes(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         state = self.state.get(p)
         step = int(state["step"]) if state else 0
-        return (step + 1) % group["k"] == 0
+        return (step + 1) % group["k"] == 0 or step + 1 <= group["early_refresh_steps"]
 
     # ------------------------------------------------------------------ public API
     def refreshes_next_step(self) -> bool:
@@ -398,6 +412,10 @@ class Sophia(Optimizer):
         corrections = None
         if group["bias_correction"]:
             corrections = [1.0 - beta1 ** int(t) for t in steps]
+        scales = None  # 1 / (1 - beta2**n) after n refreshes (n counted from the step as in so_optax)
+        if group["hessian_bias_correction"]:
+            counts = [_refreshes(int(t), group["k"], group["early_refresh_steps"]) for t in steps]
+            scales = [1.0 / (1.0 - beta2**n) if n > 0 else 1.0 for n in counts]
         bound = 1.0 if paper else group["rho"]
         gamma = group["gamma"]
         decay = (1.0 - lr * wd) if paper else (1.0 - wd)
@@ -413,9 +431,11 @@ class Sophia(Optimizer):
                     h.mul_(beta2).add_(est, alpha=1.0 - beta2)
                 d = self._scratch(h, 0)
                 if paper:
-                    torch.mul(h, gamma, out=d).clamp_(min=eps)
-                else:
+                    torch.mul(h, gamma if scales is None else gamma * scales[i], out=d).clamp_(min=eps)
+                elif scales is None:
                     torch.add(h, eps, out=d)
+                else:
+                    torch.mul(h, scales[i], out=d).add_(eps)
                 if corrections is not None:
                     numer = torch.div(m, corrections[i], out=self._scratch(h, 1))
                 else:
@@ -431,10 +451,13 @@ class Sophia(Optimizer):
                 torch._foreach_mul_(h_refresh, beta2)
                 torch._foreach_add_(h_refresh, est_refresh, alpha=1.0 - beta2)
             if paper:
-                denom = torch._foreach_mul(hs, gamma)
+                denom = torch._foreach_mul(hs, gamma if scales is None else [gamma * c for c in scales])
                 torch._foreach_clamp_min_(denom, eps)
-            else:
+            elif scales is None:
                 denom = torch._foreach_add(hs, eps)
+            else:
+                denom = torch._foreach_mul(hs, scales)
+                torch._foreach_add_(denom, eps)
             if apply_decay:
                 torch._foreach_mul_(params, decay)
             if corrections is not None:
@@ -451,7 +474,7 @@ class Sophia(Optimizer):
         # at the next step (which replaces the record) or in update_hessian / load_state_dict (which
         # first evaluate it).
         self._win_record.append(
-            (ms, hs, corrections, paper, bound, eps, group["gamma"] if paper else None)
+            (ms, hs, corrections, scales, paper, bound, eps, group["gamma"] if paper else None)
         )
 
     def _gnb_estimates(
@@ -556,6 +579,12 @@ class Sophia(Optimizer):
                 state["hessian_buffer"].mul_(beta2).addcmul_(p.grad, p.grad, value=(1.0 - beta2) * scale)
 
 
+def _refreshes(t: int, k: int, early_refresh_steps: int) -> int:
+    """Number of refresh steps among ``1..t``: every ``t' <= early_refresh_steps`` and every multiple of
+    ``k`` after it (the count ``so_optax.sophia`` uses)."""
+    return min(t, early_refresh_steps) + max(0, t // k - early_refresh_steps // k)
+
+
 def _num_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
     if mask is None:
         return float(logits.reshape(-1, logits.shape[-1]).shape[0])
@@ -574,6 +603,8 @@ def _check_hyperparameters(
     form: Any,
     gamma: Any,
     bias_correction: Any,
+    hessian_bias_correction: Any,
+    early_refresh_steps: Any,
     probe: Any,
 ) -> None:
     validation.check_nonnegative("lr", lr)
@@ -586,6 +617,15 @@ def _check_hyperparameters(
     validation.check_choice("form", form, _FORMS)
     validation.check_positive("gamma", gamma)
     validation.check_bool("bias_correction", bias_correction)
+    validation.check_bool("hessian_bias_correction", hessian_bias_correction)
+    validation.check_nonnegative_int("early_refresh_steps", early_refresh_steps)
+    short_horizon = (("hessian_bias_correction", hessian_bias_correction), ("early_refresh_steps", early_refresh_steps))
+    for name, on in short_horizon:
+        if on and hessian_computation_type == "manual":
+            raise ValueError(
+                f"Invalid {name}: {on!r} with hessian_computation_type='manual' (the optimizer does not "
+                "schedule manual refreshes; leave it at its default)"
+            )
     validation.check_choice("probe", probe, _PROBES)
     if form == "paper":
         validation.check_positive("eps", eps)

@@ -35,6 +35,8 @@ SOPHIA_OPTIONS = {
     "form": "form",
     "gamma": "gamma",
     "bias_correction": "bias_correction",
+    "hessian_bias_correction": "hessian_bias_correction",
+    "early_refresh_steps": "early_refresh_steps",
 }
 
 

@@ -67,8 +67,13 @@ def rel_diff(a, b):
         dict(lr=0.05, rho=0.03, k=3, weight_decay=0.01),
         dict(lr=0.05, rho=0.1, k=2, weight_decay=0.0, betas=(0.8, 0.95), bias_correction=True),
         dict(lr=0.02, k=3, form="paper", gamma=0.05, eps=1e-10, weight_decay=0.1, bias_correction=True),
+        dict(lr=0.05, rho=0.1, k=4, betas=(0.8, 0.9), hessian_bias_correction=True),
+        dict(lr=0.02, k=3, form="paper", gamma=0.05, eps=1e-10, weight_decay=0.1, betas=(0.9, 0.95),
+             hessian_bias_correction=True, early_refresh_steps=5),
+        dict(lr=0.02, k=4, form="paper", gamma=0.2, eps=1e-10, early_refresh_steps=6),
     ],
-    ids=["seed-wd", "seed-bias-corrected", "paper"],
+    ids=["seed-wd", "seed-bias-corrected", "paper", "seed-hessian-bias-corrected",
+         "paper-hessian-bias-corrected-early-refresh", "paper-early-refresh"],
 )
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
 def test_sophia_lockstep_float64(torch_options, estimator):

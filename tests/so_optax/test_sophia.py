@@ -36,21 +36,24 @@ def injected_estimator():
 
 
 def numpy_sophia_directions(grads, params, estimates, *, betas, rho, weight_decay, k, eps, form,
-                            gamma, bias_correction):
+                            gamma, bias_correction, hessian_bias_correction=False, early_refresh_steps=0):
     """The update rule, re-stated in float64 numpy on lists of per-step arrays."""
     b1, b2 = betas
     m = np.zeros_like(grads[0], np.float64)
     h = np.zeros_like(grads[0], np.float64)
+    n = 0  # refreshes so far
     out = []
     for t, (g, p, e) in enumerate(zip(grads, params, estimates), start=1):
         m = b1 * m + (1 - b1) * g
-        if t % k == 0:
+        if t % k == 0 or t <= early_refresh_steps:
             h = b2 * h + (1 - b2) * e
+            n += 1
         m_hat = m / (1 - b1**t) if bias_correction else m
+        h_hat = h / (1 - b2**n) if hessian_bias_correction and n > 0 else h
         if form == "seed":
-            ratio, thr = m_hat / (h + eps), rho
+            ratio, thr = m_hat / (h_hat + eps), rho
         else:
-            ratio, thr = m_hat / np.maximum(gamma * h, eps), 1.0
+            ratio, thr = m_hat / np.maximum(gamma * h_hat, eps), 1.0
         d = np.clip(ratio, -thr, thr) + weight_decay * p
         out.append((d, h.copy(), np.mean(np.abs(ratio) < thr)))
     return out
@@ -122,6 +125,35 @@ def test_update_rule_matches_numpy(form, bias_correction):
         assert int(state.count) == t + 1
         win_rates.append(float(state.win_rate))
     assert 0.0 < max(win_rates) < 1.0  # the case has clipped and unclipped coordinates
+
+
+@pytest.mark.parametrize("form", ["seed", "paper"])
+@pytest.mark.parametrize("hessian_bias_correction,early_refresh_steps", [(True, 0), (False, 5), (True, 4)])
+def test_short_horizon_options_match_numpy(form, hessian_bias_correction, early_refresh_steps):
+    """h / (1 − β2ⁿ) with n the refreshes so far, and refreshes at every t <= early_refresh_steps."""
+    rng = np.random.default_rng(2)
+    steps, k, size = 14, 3, 17
+    grads = [0.05 * rng.standard_normal(size) for _ in range(steps)]
+    params = [rng.standard_normal(size) for _ in range(steps)]
+    estimates = [rng.uniform(0.2, 3.0, size) for _ in range(steps)]
+    opts = dict(betas=(0.9, 0.8), rho=0.03, weight_decay=0.1, k=k, eps=1e-12, form=form, gamma=0.05,
+                bias_correction=False, hessian_bias_correction=hessian_bias_correction,
+                early_refresh_steps=early_refresh_steps)
+    want = numpy_sophia_directions(grads, params, estimates, **opts)
+    plain = numpy_sophia_directions(grads, params, estimates, **dict(opts, hessian_bias_correction=False,
+                                                                    early_refresh_steps=0))
+    tx = so_optax.sophia(estimator=injected_estimator(), **opts)
+    update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, hessian_estimate=e))
+    state = tx.init(tree_of(params[0].astype(np.float32)))
+    for t in range(steps):
+        g, p, e = (tree_of(a[t].astype(np.float32)) for a in (grads, params, estimates))
+        d, state = update(g, state, p, e)
+        want_d, want_h, want_win = want[t]
+        np.testing.assert_allclose(flat_of(d), want_d, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(flat_of(state.nu), want_h, rtol=1e-6, atol=1e-9)  # h itself: uncorrected
+        np.testing.assert_allclose(float(state.win_rate), want_win, atol=1e-6)
+    # The options change the steps (the case is not one where they make no difference).
+    assert max(np.max(np.abs(a[0] - b[0])) for a, b in zip(want, plain)) > 1e-3
 
 
 def test_seed_trajectory_with_seed_weight_decay():
@@ -224,7 +256,8 @@ def test_sophia_win_rate_finds_the_state_in_wrappers():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_refresh_only_every_k_steps_and_no_recompilation():
+@pytest.mark.parametrize("early_refresh_steps", [0, 4])
+def test_refresh_only_every_k_steps_and_no_recompilation(early_refresh_steps):
     params, x, y, logits_fn, loss = linear_problem()
     calls = []
 
@@ -233,19 +266,26 @@ def test_refresh_only_every_k_steps_and_no_recompilation():
         return logits_fn(p)
 
     k, steps = 3, 8
-    tx = so_optax.sophia(k=k, estimator="gnb")
+    tx = so_optax.sophia(k=k, estimator="gnb", early_refresh_steps=early_refresh_steps,
+                         hessian_bias_correction=True)
     step = make_step(tx, loss, logits_fn=counted_logits_fn)
     state = tx.init(params)
     previous_nu = state.nu
+    refreshed = 0
     for t in range(1, steps + 1):
         params, state = step(params, state)
         jax.block_until_ready(state)
         changed = not all(
             np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.nu),
                                                  jax.tree.leaves(previous_nu)))
-        assert changed == (t % k == 0), t
-        assert int(state.estimator_state.count) == t // k
-        assert len(calls) == t // k  # logits_fn ran on refresh steps only
+        due = t % k == 0 or t <= early_refresh_steps
+        refreshed += due
+        assert changed == due, t
+        assert int(state.estimator_state.count) == refreshed
+        assert len(calls) == refreshed  # logits_fn ran on refresh steps only
+        b2 = 0.999  # the default betas[1]
+        np.testing.assert_allclose(float(state.clip_rule.hessian_scale),
+                                   1 / (1 - b2**refreshed) if refreshed else 1.0, rtol=1e-6)
         previous_nu = state.nu
     assert step._cache_size() == 1
 
@@ -356,6 +396,10 @@ def test_missing_extra_args_raise_at_trace_time():
         (dict(estimator="fisher"), "estimator"),
         (dict(estimator=42), "estimator"),
         (dict(bias_correction=1), "bias_correction"),
+        (dict(hessian_bias_correction=1), "hessian_bias_correction"),
+        (dict(early_refresh_steps=-1), "early_refresh_steps"),
+        (dict(early_refresh_steps=2.5), "early_refresh_steps"),
+        (dict(early_refresh_steps=True), "early_refresh_steps"),
     ],
 )
 def test_invalid_options(kwargs, name):

@@ -374,6 +374,11 @@ def test_sample_labels_shape_and_distribution():
         (dict(bias_correction=1), "bias_correction"),
         (dict(probe="uniform"), "probe"),
         (dict(form="paper", eps=0.0), "eps"),
+        (dict(hessian_bias_correction=1), "hessian_bias_correction"),
+        (dict(early_refresh_steps=-1), "early_refresh_steps"),
+        (dict(early_refresh_steps=2.0), "early_refresh_steps"),
+        (dict(hessian_bias_correction=True, hessian_computation_type="manual"), "hessian_bias_correction"),
+        (dict(early_refresh_steps=3, hessian_computation_type="manual"), "early_refresh_steps"),
     ],
 )
 def test_invalid_hyperparameters_name_the_argument(kwargs, name):
@@ -609,3 +614,56 @@ def test_paper_form_bias_correction_and_win_rate():
     opt.step()  # m_hat = g; ratio = g / max(h, eps) = [2, -2, 8, 0.25] -> clip to [1, -1, 1, 0.25]
     torch.testing.assert_close(p.detach(), -torch.tensor([1.0, -1.0, 1.0, 0.25], dtype=torch.float64))
     assert opt.win_rate == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("form", ["seed", "paper"])
+def test_short_horizon_options_refresh_schedule_and_win_rate(form):
+    """early_refresh_steps refreshes at every t <= E and at multiples of k after it; hessian_bias_correction
+    divides h by 1 - beta2**n (n refreshes so far) in the step and in the win rate, and leaves h itself alone."""
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    k, early, b2, steps = 3, 4, 0.8, 11
+    rho = 30.0  # seed form: GNB without the N scaling, small h
+    kw = dict(lr=0.02 if form == "paper" else 1e-3, k=k, betas=(0.9, b2), form=form, gamma=0.3, rho=rho)
+    models = [_classifier(), _classifier()]
+    plain = InjectedSophia(models[0].parameters(), **kw)
+    fixed = InjectedSophia(models[1].parameters(), **kw, hessian_bias_correction=True, early_refresh_steps=early)
+    n = 0
+    for t in range(1, steps + 1):
+        due = t % k == 0 or t <= early
+        assert fixed.refreshes_next_step() is due and plain.refreshes_next_step() is (t % k == 0)
+        n += due
+        before = [p.detach().clone() for p in models[1].parameters()]
+        h_before = [fixed.state[p]["hessian_buffer"].clone() for p in models[1].parameters()] if t > 1 else None
+        for opt, model in ((plain, models[0]), (fixed, models[1])):
+            _gnb_train(opt, model, x, y, 1, torch.Generator().manual_seed(t))
+        changed = h_before is not None and any(
+            not torch.equal(u, fixed.state[p]["hessian_buffer"]) for u, p in zip(h_before, models[1].parameters()))
+        assert changed == (due and t > 1)
+        # The step, restated: u = clip(m / max(gamma * h / (1 - b2**n), eps), 1) (paper) or
+        # clip(m / (h / (1 - b2**n) + eps), rho) (seed), with p <- p - lr * u (no weight decay).
+        unclipped = total = 0
+        for p, p0 in zip(models[1].parameters(), before):
+            st = fixed.state[p]
+            h_hat = st["hessian_buffer"] / (1 - b2**n)
+            if form == "paper":
+                ratio, bound = st["momentum_buffer"] / (0.3 * h_hat).clamp(min=1e-12), 1.0
+            else:
+                ratio, bound = st["momentum_buffer"] / (h_hat + 1e-12), rho
+            lr = kw["lr"]
+            torch.testing.assert_close(p.detach(), p0 - lr * ratio.clamp(-bound, bound), rtol=1e-12, atol=1e-15)
+            unclipped += int((ratio.abs() < bound).sum())
+            total += ratio.numel()
+        assert fixed.win_rate == pytest.approx(unclipped / total)
+    assert 0.0 < fixed.win_rate < 1.0 and fixed.win_rate != plain.win_rate
+
+
+def test_short_horizon_options_default_off_and_restored_for_old_checkpoints():
+    p = torch.zeros(2, requires_grad=True)
+    opt = Sophia([p])
+    assert opt.defaults["hessian_bias_correction"] is False and opt.defaults["early_refresh_steps"] == 0
+    state = opt.state_dict()
+    for group in state["param_groups"]:  # a checkpoint written before the options existed
+        del group["hessian_bias_correction"], group["early_refresh_steps"]
+    opt.__setstate__({"state": opt.state, "param_groups": state["param_groups"]})
+    assert opt.param_groups[0]["hessian_bias_correction"] is False and opt.param_groups[0]["early_refresh_steps"] == 0
