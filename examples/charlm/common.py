@@ -40,6 +40,7 @@ class TrainConfig:
     warmup_frac: float = 0.1      # linear warm-up over this fraction of the steps,
     final_lr_frac: float = 0.1    # then cosine down to this fraction of the peak
     weight_decay: float = 0.1     # decoupled, lr-scaled (p <- p·(1 - lr·wd)), every optimizer, all params
+    clip_grad_norm: float = 0.0   # clip the gradient's global norm to this before the optimizer (0: off)
     eval_every: int = 25
     eval_batches: int = 8
     data_seed: int = 0            # the training-batch stream
@@ -47,6 +48,8 @@ class TrainConfig:
     opt_seed: int = 0             # Sophia's sampling (GNB labels / Hutchinson probes)
     sophia_gamma: float = 0.05    # Sophia (paper form): the step is lr·clip(m / max(gamma·h, eps), 1)
     sophia_betas: tuple[float, float] = (0.965, 0.99)  # EMA of the gradient, EMA of the Hessian estimate
+    sophia_hessian_bias_correction: bool = False  # the ratio uses h / (1 - beta2^n), n refreshes so far
+    sophia_early_refresh_steps: int = 0           # also refresh h at every step t <= this
 
     @property
     def warmup_steps(self) -> int:
@@ -70,6 +73,11 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 # --- Optimizer hyperparameters (everything except the peak learning rate, which is swept) -------
 
 OPTIMIZERS = ("adamw", "soap", "sophia-g", "sophia-h")
+# Controls (JAX only): sign descent, which Sophia becomes when every coordinate is clipped.
+# Signum is sign(m) with m the EMA of the gradients at Sophia's beta1 (optax.lion with b1 = b2);
+# Lion is sign(b1·m + (1 - b1)·g) with m the EMA at b2 (Chen et al. 2023).
+CONTROLS = ("signum", "lion")
+ALL_OPTIMIZERS = OPTIMIZERS + CONTROLS
 
 # Base peak learning rates; the sweep multiplies them by the same relative grid for everyone.
 BASE_LR = {
@@ -82,6 +90,8 @@ BASE_LR = {
     # (The official GPT-2 small recipe, with 0.5 M-token batches, uses about AdamW's lr.)
     "sophia-g": 3e-4,
     "sophia-h": 3e-4,
+    "signum": 3e-4,
+    "lion": 3e-4,
 }
 
 ADAMW = dict(b1=0.9, b2=0.95, eps=1e-8)
@@ -91,6 +101,20 @@ SOAP = dict(betas=(0.95, 0.95), eps=1e-8, precondition_frequency=10)
 # number of predicted tokens, weight decay lr-scaled.
 # gamma and betas are TrainConfig fields (``sophia_gamma``, ``sophia_betas``): command-line options.
 SOPHIA = dict(k=10, eps=1e-12)
+SIGNUM = dict(b=0.965)
+LION = dict(b1=0.9, b2=0.99)
+
+# The example's own settings per optimizer: TrainConfig fields that differ from the TrainConfig
+# defaults above (which are the official / paper values) when an optimizer runs with the example's
+# defaults. Command-line options override them. See README.md, "The Sophia study".
+RECIPES: dict[str, dict[str, Any]] = {}
+
+
+def recipe_config(optimizer: str, cfg: TrainConfig, explicit: dict[str, Any] | None = None) -> TrainConfig:
+    """``cfg`` with ``optimizer``'s :data:`RECIPES` entries, then the ``explicit`` fields, applied."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return dataclasses.replace(cfg, **{k: v for k, v in {**RECIPES.get(optimizer, {}), **(explicit or {})}.items()
+                                       if k in fields})
 
 
 # --- One initialisation for both frameworks -----------------------------------------------------
@@ -149,6 +173,7 @@ class RunResult:
     first_step_s: float = 0.0      # the first step alone (JAX: tracing + compilation)
     diverged: bool = False
     win_rate: list[float] = dataclasses.field(default_factory=list)  # Sophia: unclipped fraction, per eval
+    settings: dict = dataclasses.field(default_factory=dict)  # the TrainConfig the run used
 
     @property
     def final_eval(self) -> float:
@@ -167,6 +192,11 @@ class RunResult:
     def from_dict(cls, d: dict) -> RunResult:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def settings(cfg: TrainConfig) -> dict:
+    """``cfg`` as a JSON-ready dict (what a :class:`RunResult` records)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def eval_schedule(cfg: TrainConfig) -> list[int]:

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import common, data
+from . import common, data, options
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the issue's scale (see above)")
     p.add_argument("--frameworks", type=_csv(str), help="comma list of: jax, torch")
-    p.add_argument("--optimizers", type=_csv(str), help=f"comma list of: {', '.join(common.OPTIMIZERS)}")
+    p.add_argument("--optimizers", type=_csv(str), help=f"comma list of: {', '.join(common.ALL_OPTIMIZERS)}")
     p.add_argument("--lr-grid", type=_csv(float), help="multipliers of each optimizer's base lr, e.g. 0.5,1,2")
     p.add_argument("--base-lr", action="append", default=[], metavar="OPT=LR",
                    help="override a base learning rate, e.g. --base-lr soap=2e-3 (repeatable)")
@@ -62,11 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--weight-decay", type=float, default=common.TrainConfig.weight_decay)
-    p.add_argument("--sophia-gamma", type=float, default=common.TrainConfig.sophia_gamma,
-                   help="Sophia's gamma (paper form): step = lr·clip(m / max(gamma·h, eps), 1)")
-    p.add_argument("--sophia-betas", type=_csv(float), default=common.TrainConfig.sophia_betas,
-                   help="Sophia's (beta1, beta2): EMAs of the gradient and of the Hessian estimate")
     p.add_argument("--tie-embeddings", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="data, init and Sophia sampling seed")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -78,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "number of CPUs, at most 8); 1 = one after the other, with the frameworks' "
                         "default threading")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    options.add_arguments(p)
     args = p.parse_args(argv)
 
     preset = FULL if args.full else DEFAULT
@@ -89,13 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         if fw not in FRAMEWORKS:
             p.error(f"--frameworks: unknown {fw!r}; expected {FRAMEWORKS}")
     for opt in args.optimizers:
-        if opt not in common.OPTIMIZERS:
-            p.error(f"--optimizers: unknown {opt!r}; expected {common.OPTIMIZERS}")
+        if opt not in common.ALL_OPTIMIZERS:
+            p.error(f"--optimizers: unknown {opt!r}; expected {common.ALL_OPTIMIZERS}")
     args.base_lrs = dict(common.BASE_LR)
     for item in args.base_lr:
         name, _, value = item.partition("=")
-        if name not in common.OPTIMIZERS or not value:
-            p.error(f"--base-lr: expected OPT=LR with OPT in {common.OPTIMIZERS}, got {item!r}")
+        if name not in common.ALL_OPTIMIZERS or not value:
+            p.error(f"--base-lr: expected OPT=LR with OPT in {common.ALL_OPTIMIZERS}, got {item!r}")
         args.base_lrs[name] = float(value)
     return args
 
@@ -104,6 +100,8 @@ def available(framework: str, optimizer: str) -> str | None:
     """None if the optimizer can be built, else why not (our packages may be absent)."""
     if optimizer == "adamw":
         return None
+    if optimizer in common.CONTROLS:
+        return None if framework == "jax" else "a control, JAX only"
     try:
         if framework == "jax":
             import so_optax
@@ -153,7 +151,7 @@ def summarize(runs: list[common.RunResult], eval_every: int) -> list[dict]:
         ref = best.get((fw, "adamw"))
         ref_eval = ref.final_eval if ref else None
         ref_train = windowed_train_loss(ref, eval_every)[1][-1] if ref and ref.train_loss else None
-        for opt in common.OPTIMIZERS:
+        for opt in common.ALL_OPTIMIZERS:
             r = best.get((fw, opt))
             if r is None:
                 continue
@@ -204,7 +202,8 @@ def plot(runs: list[common.RunResult], rows: list[dict], eval_every: int, path: 
 
     best = best_runs(runs)
     frameworks = [fw for fw in FRAMEWORKS if any(k[0] == fw for k in best)]
-    colors = {"adamw": "black", "soap": "tab:blue", "sophia-g": "tab:orange", "sophia-h": "tab:green"}
+    colors = {"adamw": "black", "soap": "tab:blue", "sophia-g": "tab:orange", "sophia-h": "tab:green",
+              "signum": "tab:purple", "lion": "tab:brown"}
     fig, axes = plt.subplots(1, len(frameworks) + 1, figsize=(5.5 * (len(frameworks) + 1), 4.5),
                              squeeze=False)
     axes = axes[0]
@@ -213,7 +212,7 @@ def plot(runs: list[common.RunResult], rows: list[dict], eval_every: int, path: 
                     if math.isfinite(x)]
     lo = min(finite + finite_train) - 0.05 if finite else 0.0
     for ax, fw in zip(axes, frameworks):
-        for opt in common.OPTIMIZERS:
+        for opt in common.ALL_OPTIMIZERS:
             r = best.get((fw, opt))
             if r is None:
                 continue
@@ -233,7 +232,7 @@ def plot(runs: list[common.RunResult], rows: list[dict], eval_every: int, path: 
         ax.legend(fontsize=8)
     ax = axes[-1]
     for fw, marker in (("jax", "o"), ("torch", "s")):
-        for opt in common.OPTIMIZERS:
+        for opt in common.ALL_OPTIMIZERS:
             sweep = sorted((r for r in runs if (r.framework, r.optimizer) == (fw, opt)), key=lambda r: r.lr)
             if not sweep:
                 continue
@@ -283,29 +282,32 @@ def _run_one(fw: str, opt: str, lr: float, model_cfg, train_cfg, progress: bool,
 
 def _cost(fw: str, opt: str) -> float:
     """Rough relative cost of a run, to start the longest first when running in parallel."""
-    return {"adamw": 1.0, "soap": 1.6, "sophia-g": 1.3, "sophia-h": 1.6}[opt] * (1.5 if fw == "torch" else 1.0)
+    return {"soap": 1.6, "sophia-g": 1.3, "sophia-h": 1.6}.get(opt, 1.0) * (1.5 if fw == "torch" else 1.0)
 
 
 def build_configs(args: argparse.Namespace, corpus: data.Corpus):
-    """The model and training configurations, and their JSON record (what ``--resume`` matches)."""
+    """The model configuration, the shared and the per-optimizer training configurations (shared, then
+    ``common.RECIPES``, then the command line), and their JSON record (what ``--resume`` matches)."""
     model_cfg = common.ModelConfig(vocab_size=corpus.vocab_size, context=args.context,
                                    d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
                                    tie_embeddings=args.tie_embeddings)
-    train_cfg = common.TrainConfig(steps=args.steps, batch_size=args.batch_size,
-                                   weight_decay=args.weight_decay, eval_every=args.eval_every,
+    train_cfg = common.TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                                    eval_batches=args.eval_batches, data_seed=args.seed,
-                                   init_seed=args.seed, opt_seed=args.seed,
-                                   sophia_gamma=args.sophia_gamma, sophia_betas=tuple(args.sophia_betas))
+                                   init_seed=args.seed, opt_seed=args.seed)
+    train_cfg = common.recipe_config("", train_cfg, options.explicit(args))
+    per_optimizer = options.train_configs(args, train_cfg, args.optimizers)
     config = dict(model=dataclasses.asdict(model_cfg), train=dataclasses.asdict(train_cfg),
-                  hyper=dict(adamw=common.ADAMW, soap=common.SOAP, sophia=common.SOPHIA))
+                  per_optimizer={opt: common.settings(c) for opt, c in per_optimizer.items()},
+                  hyper=dict(adamw=common.ADAMW, soap=common.SOAP, sophia=common.SOPHIA,
+                             signum=common.SIGNUM, lion=common.LION))
     config = json.loads(json.dumps(config))  # tuples -> lists, for comparison with a loaded file
-    return model_cfg, train_cfg, config
+    return model_cfg, train_cfg, per_optimizer, config
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     corpus = data.load_corpus()
-    model_cfg, train_cfg, config = build_configs(args, corpus)
+    model_cfg, train_cfg, per_optimizer, config = build_configs(args, corpus)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"charlm_{args.tag}"
 
@@ -355,7 +357,7 @@ def main(argv=None) -> int:
         _WORKER["corpus"] = corpus
         for i, fw, opt, lr in todo:
             desc = f"[{i + 1}/{len(plan)}] {fw:5s} {opt:8s} lr={lr:.1e}"
-            finished(i, _run_one(fw, opt, lr, model_cfg, train_cfg, progress, desc))
+            finished(i, _run_one(fw, opt, lr, model_cfg, per_optimizer[opt], progress, desc))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -367,7 +369,7 @@ def main(argv=None) -> int:
         print(f"{len(todo)} runs on {workers} worker processes, one thread each", file=sys.stderr)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                  initargs=(slots,)) as pool:
-            futures = {pool.submit(_run_one, fw, opt, lr, model_cfg, train_cfg, progress,
+            futures = {pool.submit(_run_one, fw, opt, lr, model_cfg, per_optimizer[opt], progress,
                                    f"[{i + 1}/{len(plan)}] {fw:5s} {opt:8s} lr={lr:.1e}", True): i
                        for i, fw, opt, lr in todo}
             for fut in as_completed(futures):
@@ -387,6 +389,9 @@ def main(argv=None) -> int:
               f"context {model_cfg.context}, batch {train_cfg.batch_size}, {train_cfg.steps} steps, "
               f"warm-up {train_cfg.warmup_steps} + cosine to {train_cfg.final_lr_frac:g}×, "
               f"weight decay {train_cfg.weight_decay:g}, lr grid ×{'/'.join(f'{m:g}' for m in args.lr_grid)}).")
+    own = options.differences(per_optimizer, train_cfg)
+    if own:
+        header += f" Each optimizer's own settings: {own}."
     plot(runs, rows, train_cfg.eval_every, stem.with_suffix(".png"), header.split(" (")[0])
     md = "\n\n".join([header, table, f"Held-out loss: mean over {train_cfg.eval_batches} fixed batches of "
                       f"the last 10% of the text, every {train_cfg.eval_every} steps. Steps to AdamW: first "

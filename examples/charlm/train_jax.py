@@ -40,22 +40,34 @@ def make_schedule(peak_lr: float, cfg: common.TrainConfig):
 
 
 def make_optimizer(name: str, peak_lr: float, cfg: common.TrainConfig) -> optax.GradientTransformation:
+    """The optimizer, after ``optax.clip_by_global_norm(cfg.clip_grad_norm)`` if that is set."""
     schedule = make_schedule(peak_lr, cfg)
     wd = cfg.weight_decay
     if name == "adamw":
-        return optax.adamw(schedule, weight_decay=wd, **common.ADAMW)
-    import so_optax  # only needed for our optimizers
-    if name == "soap":
-        direction = so_optax.soap(weight_decay=wd, **common.SOAP)
-    elif name in ("sophia-g", "sophia-h"):
-        s = common.SOPHIA
-        direction = so_optax.sophia(
-            betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=s["eps"],
-            estimator="gnb" if name == "sophia-g" else "hutchinson",
-            form="paper", gamma=cfg.sophia_gamma, seed=cfg.opt_seed)
+        tx = optax.adamw(schedule, weight_decay=wd, **common.ADAMW)
+    elif name == "signum":  # optax.lion with b1 = b2 = b: sign(m), m the EMA of the gradients at b
+        b = common.SIGNUM["b"]
+        tx = optax.lion(schedule, b1=b, b2=b, weight_decay=wd)
+    elif name == "lion":
+        tx = optax.lion(schedule, weight_decay=wd, **common.LION)
     else:
-        raise ValueError(f"optimizer: unknown {name!r}; expected one of {common.OPTIMIZERS}")
-    return optax.chain(direction, optax.scale_by_learning_rate(schedule))
+        import so_optax  # only needed for our optimizers
+        if name == "soap":
+            direction = so_optax.soap(weight_decay=wd, **common.SOAP)
+        elif name in ("sophia-g", "sophia-h"):
+            s = common.SOPHIA
+            direction = so_optax.sophia(
+                betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=s["eps"],
+                estimator="gnb" if name == "sophia-g" else "hutchinson",
+                form="paper", gamma=cfg.sophia_gamma, seed=cfg.opt_seed,
+                hessian_bias_correction=cfg.sophia_hessian_bias_correction,
+                early_refresh_steps=cfg.sophia_early_refresh_steps)
+        else:
+            raise ValueError(f"optimizer: unknown {name!r}; expected one of {common.ALL_OPTIMIZERS}")
+        tx = optax.chain(direction, optax.scale_by_learning_rate(schedule))
+    if cfg.clip_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), tx)
+    return tx
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -99,8 +111,14 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
         return float(np.mean([float(eval_loss_fn(box[0], x, y)) for x, y in eval_set]))
 
     sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
+    win_rate = None
+    if name.startswith("sophia"):
+        import so_optax
+
+        def win_rate() -> float:
+            return float(so_optax.sophia_win_rate(box[1]))
     return common.run_training(
-        common.RunResult("jax", name, peak_lr, cfg.steps, [], [], []), cfg, sampler, step, evaluate,
-        win_rate=(lambda: float(box[1][0].win_rate)) if name.startswith("sophia") else None,
+        common.RunResult("jax", name, peak_lr, cfg.steps, [], [], [], settings=common.settings(cfg)), cfg,
+        sampler, step, evaluate, win_rate=win_rate,
         sync=jax.block_until_ready, desc=desc or f"jax   {name:8s} lr={peak_lr:.1e}",
         progress=progress, position=position)

@@ -34,8 +34,10 @@ def make_optimizer(name: str, params, peak_lr: float, cfg: common.TrainConfig) -
         return torch_bridge.Sophia(
             params, lr=peak_lr, betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=s["eps"],
             hessian_computation_type="gnb" if name == "sophia-g" else "hutchinson",
-            form="paper", gamma=cfg.sophia_gamma)
-    raise ValueError(f"optimizer: unknown {name!r}; expected one of {common.OPTIMIZERS}")
+            form="paper", gamma=cfg.sophia_gamma, hessian_bias_correction=cfg.sophia_hessian_bias_correction,
+            early_refresh_steps=cfg.sophia_early_refresh_steps)
+    raise ValueError(f"optimizer: unknown {name!r}; expected one of {common.OPTIMIZERS} (the controls "
+                     f"{common.CONTROLS} are JAX only)")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,9 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
           corpus: data.Corpus, *, progress: bool = True, desc: str | None = None,
           position: int | None = None) -> common.RunResult:
     """Trains from ``common.init_params(model_cfg, cfg.init_seed)`` for ``cfg.steps`` updates."""
+    if cfg.clip_grad_norm and name == "sophia-h":
+        raise ValueError("clip_grad_norm: not available for torch sophia-h (torch_bridge.Sophia differentiates "
+                         "the closure itself, so there is no p.grad to clip before the step)")
     torch.manual_seed(cfg.opt_seed)  # Sophia's label sampling / probe vectors
     model = model_torch.build_model(model_cfg, common.init_params(model_cfg, cfg.init_seed))
     opt = make_optimizer(name, model.parameters(), peak_lr, cfg)
@@ -60,6 +65,10 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
         model.train()
         return out
 
+    def clip() -> None:
+        if cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+
     def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if name == "sophia-h":
             def closure():
@@ -72,9 +81,11 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
             loss = cross_entropy(logits, y)
             if name == "sophia-g":
                 loss.backward(retain_graph=opt.refreshes_next_step())
+                clip()
                 opt.step(logits=logits)
             else:
                 loss.backward()
+                clip()
                 opt.step()
         sched.step()
         return loss.detach()
@@ -84,6 +95,7 @@ def train(name: str, peak_lr: float, model_cfg: common.ModelConfig, cfg: common.
 
     sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
     return common.run_training(
-        common.RunResult("torch", name, peak_lr, cfg.steps, [], [], []), cfg, sampler, step, evaluate,
+        common.RunResult("torch", name, peak_lr, cfg.steps, [], [], [], settings=common.settings(cfg)), cfg,
+        sampler, step, evaluate,
         win_rate=(lambda: float(opt.win_rate)) if name.startswith("sophia") else None,
         desc=desc or f"torch {name:8s} lr={peak_lr:.1e}", progress=progress, position=position)

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,7 +18,7 @@ from examples.charlm import common, compare, data  # noqa: E402
 
 STEPS = 24
 # Peak learning rates for the tiny model (larger than the GPT's, which are tuned for 600 steps).
-TINY_LR = {"adamw": 1e-2, "soap": 1e-2, "sophia-g": 5e-3, "sophia-h": 5e-3}
+TINY_LR = {"adamw": 1e-2, "soap": 1e-2, "sophia-g": 5e-3, "sophia-h": 5e-3, "signum": 3e-3, "lion": 3e-3}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_schedules_agree():
     assert math.isclose(common.lr_multiplier(cfg.steps - 1, cfg), cfg.final_lr_frac)
 
 
-@pytest.mark.parametrize("optimizer", common.OPTIMIZERS)
-@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("framework,optimizer", [(fw, opt) for fw in ("jax", "torch") for opt in common.OPTIMIZERS]
+                         + [("jax", opt) for opt in common.CONTROLS])
 def test_training_decreases_loss(setup, framework, optimizer):
     pytest.importorskip(framework)
     why = compare.available(framework, optimizer)
@@ -96,6 +97,69 @@ def test_frameworks_agree_with_adamw(setup):
             for t in (train_jax, train_torch)]
     for a, b in zip(runs[0].eval_loss, runs[1].eval_loss):
         assert abs(a - b) < 2e-3
+
+
+def test_frameworks_agree_with_clipped_adamw(setup):
+    """Gradient-norm clipping is applied the same way in both frameworks (and it binds here)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from examples.charlm import train_jax, train_torch
+    corpus, model_cfg, train_cfg = setup
+    clipped = dataclasses.replace(train_cfg, clip_grad_norm=0.05)
+    runs = [t.train("adamw", 1e-2, model_cfg, clipped, corpus, progress=False) for t in (train_jax, train_torch)]
+    for a, b in zip(runs[0].eval_loss, runs[1].eval_loss):
+        assert abs(a - b) < 2e-3
+    plain = train_jax.train("adamw", 1e-2, model_cfg, train_cfg, corpus, progress=False)
+    assert abs(plain.eval_loss[-1] - runs[0].eval_loss[-1]) > 1e-2
+    assert runs[0].settings["clip_grad_norm"] == 0.05
+
+
+def test_recipes_then_command_line(monkeypatch):
+    """Each optimizer's settings: TrainConfig defaults, then its common.RECIPES entry, then the options given."""
+    import argparse
+
+    from examples.charlm import options
+    monkeypatch.setitem(common.RECIPES, "sophia-g", dict(sophia_gamma=0.7, warmup_frac=0.3))
+    p = argparse.ArgumentParser()
+    options.add_arguments(p)
+    base = common.TrainConfig(steps=40)
+    cfgs = options.train_configs(p.parse_args(["--warmup-frac", "0.2"]), base, ["adamw", "sophia-g"])
+    assert (cfgs["adamw"].warmup_frac, cfgs["sophia-g"].warmup_frac, cfgs["sophia-g"].sophia_gamma) == (0.2, 0.2, 0.7)
+    args = p.parse_args(["--sophia-betas", "0.9,0.95", "--sophia-hessian-bias-correction",
+                         "--sophia-early-refresh-steps", "20", "--clip-grad-norm", "1"])
+    cfgs = options.train_configs(args, base, ["adamw", "sophia-g"])
+    g = cfgs["sophia-g"]
+    assert (g.warmup_frac, g.sophia_betas, g.sophia_hessian_bias_correction, g.sophia_early_refresh_steps,
+            g.clip_grad_norm, cfgs["adamw"].clip_grad_norm) == (0.3, (0.9, 0.95), True, 20, 1.0, 1.0)
+    assert "sophia-g: warmup_frac 0.3" in options.differences(cfgs, cfgs["adamw"])
+
+
+def test_sophia_options_reach_both_optimizers():
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from examples.charlm import train_jax, train_torch
+    cfg = dataclasses.replace(common.TrainConfig(steps=40), sophia_hessian_bias_correction=True,
+                              sophia_early_refresh_steps=3, sophia_gamma=0.3, clip_grad_norm=1.0)
+    opt = train_torch.make_optimizer("sophia-g", [torch.zeros(2, requires_grad=True)], 1e-3, cfg)
+    assert (opt.defaults["hessian_bias_correction"], opt.defaults["early_refresh_steps"], opt.defaults["gamma"]) \
+        == (True, 3, 0.3)
+    tx = train_jax.make_optimizer("sophia-g", 1e-3, cfg)
+    params = {"w": jnp.ones((2, 3))}
+    state = tx.init(params)
+    _, state = tx.update({"w": 100.0 * jnp.ones((2, 3))}, state, params, logits_fn=lambda p: p["w"])
+    sophia_state = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "clip_rule"))
+                    if hasattr(s, "clip_rule")][0]
+    assert int(sophia_state.estimator_state.count) == 1  # refreshed at t = 1 <= 3 (k = 10)
+    assert float(sophia_state.clip_rule.hessian_scale) == pytest.approx(1 / (1 - cfg.sophia_betas[1]), rel=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(sophia_state.mu["w"]), (1 - cfg.sophia_betas[0]) * 1.0, rtol=1e-5)
 
 
 def test_table_and_plot(tmp_path):
