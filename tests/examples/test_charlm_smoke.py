@@ -3,6 +3,7 @@ optimizer in both frameworks on a tiny model; the loss must be finite and go dow
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -186,3 +187,26 @@ def test_command_line(tmp_path, setup):
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / f"charlm_t{suffix}").exists()
     assert "| torch | adamw |" in (tmp_path / "charlm_t.md").read_text()
+
+
+def test_study_cells_record_and_report(tmp_path):
+    """A study cell round-trips through its JSON record; the report lists every run and draws the heatmap."""
+    from examples.charlm import study, study_plan
+    cell = study_plan.Cell.make("sophia-g", 3e-4, sophia_gamma=0.05, sophia_betas=[0.965, 0.99], warmup_frac=0.3)
+    assert study_plan.Cell.from_dict(json.loads(json.dumps(cell.to_dict()))) == cell
+    assert cell.with_(lr=6e-4).key() != cell.key() and cell.with_(lr=3e-4) == cell
+    assert study.train_config(cell).sophia_betas == (0.965, 0.99) and study.train_config(cell).warmup_frac == 0.3
+    assert study_plan.Cell.make("adamw", 1e-3, sophia_gamma=0.1) == study_plan.Cell.make("adamw", 1e-3)
+    with pytest.raises(ValueError, match="settings"):
+        study_plan.Cell.make("adamw", 1e-3, gama=0.1)
+    runs = []
+    for i, c in enumerate(study_plan.grid("sophia-g")([])):
+        res = common.RunResult("jax", c.optimizer, c.lr, 600, [0, 600], [4.6, 1.5 + 0.01 * i], [4.0] * 50,
+                               win_rate=[0.1, 0.2])
+        runs.append(dict(key=c.key(), phase="grid-g", cell=c.to_dict(), result=study.slim(res)))
+    doc = dict(runs=runs)
+    assert study_plan.best(runs, ("grid-g",), "sophia-g") == [study_plan.Cell.from_dict(runs[0]["cell"])]
+    md = study.markdown(doc)
+    assert md.count("| jax | sophia-g |") == len(study_plan.LRS) * len(study_plan.GAMMAS) and "1.5000" in md
+    study.heatmap(doc, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000

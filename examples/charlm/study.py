@@ -1,0 +1,211 @@
+"""The Sophia study: sweeps on the full char-LM configuration, one JSON of every run, a report.
+
+Run from the repository root::
+
+    python -m examples.charlm.study run --phase grid-g --out examples/charlm/results/study --resume
+    python -m examples.charlm.study report --out examples/charlm/results/study
+
+A *cell* is one training run: framework, optimizer, peak lr, steps, seed and the TrainConfig fields it
+sets (everything else is the TrainConfig default, the official / paper settings; ``common.RECIPES``
+are *not* applied, so a cell means the same thing before and after the recipe changes). ``run``
+trains the cells of a phase that are not in ``<out>/runs.json`` yet (in parallel worker processes,
+one thread each), adding each run to the file as it finishes; phases after the grids pick their
+cells from the results so far (:mod:`examples.charlm.study_plan`). ``report`` writes
+``<out>/study.md`` (every run, by phase) and ``<out>/heatmap.png`` (final held-out loss over
+lr × gamma, per estimator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import common, compare, data, study_plan
+
+MODEL = dict(context=64, d_model=128, n_layer=2, n_head=4)
+BATCH, EVAL_EVERY, EVAL_BATCHES = 32, 25, 8
+
+
+def model_config(corpus: data.Corpus) -> common.ModelConfig:
+    return common.ModelConfig(vocab_size=corpus.vocab_size, **MODEL)
+
+
+def train_config(cell: study_plan.Cell) -> common.TrainConfig:
+    cfg = common.TrainConfig(steps=cell.steps, batch_size=BATCH, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES,
+                             data_seed=cell.seed, init_seed=cell.seed, opt_seed=cell.seed)
+    return dataclasses.replace(cfg, **cell.settings_dict())
+
+
+# --- The record ------------------------------------------------------------------------------------
+
+def load(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return dict(model=MODEL, batch=BATCH, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES, runs=[])
+
+
+def save(doc: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=0))
+    tmp.replace(path)
+
+
+def slim(run: common.RunResult) -> dict:
+    """The run without its per-step training losses (kept as means over each evaluation interval)."""
+    d = run.to_dict()
+    xs, ys = compare.windowed_train_loss(run, EVAL_EVERY)
+    d.pop("train_loss")
+    d["train_loss_mean"] = dict(steps=xs, loss=ys)
+    return d
+
+
+# --- Running -----------------------------------------------------------------------------------------
+
+def run_phase(phase: str, out: Path, workers: int, progress: bool, dry_run: bool) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "runs.json"
+    doc = load(path)
+    done = {r["key"] for r in doc["runs"]}
+    cells = study_plan.PHASES[phase](doc["runs"])
+    todo = [c for c in dict.fromkeys(cells) if c.key() not in done]
+    print(f"phase {phase}: {len(cells)} cells, {len(cells) - len(todo)} already in {path}, {len(todo)} to run",
+          file=sys.stderr)
+    for c in todo:
+        print("  ", c.label(), file=sys.stderr)
+    if dry_run or not todo:
+        return 0
+    corpus = data.load_corpus()
+    model_cfg = model_config(corpus)
+
+    def finished(cell: study_plan.Cell, run: common.RunResult) -> None:
+        doc["runs"].append(dict(key=cell.key(), phase=phase, cell=cell.to_dict(), result=slim(run)))
+        save(doc, path)
+        wins = f", win rate {run.win_rate[-1]:.2f}" if run.win_rate else ""
+        print(f"done {cell.label()}: final held-out loss {run.final_eval:.4f}{wins}, {run.wall_s:.0f} s",
+              file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    if workers <= 1:
+        compare._WORKER["corpus"] = corpus
+        for c in todo:
+            finished(c, compare._run_one(c.framework, c.optimizer, c.lr, model_cfg, train_config(c), progress,
+                                         c.label()))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = multiprocessing.get_context("spawn")
+        slots = ctx.Queue()
+        for s in range(workers):
+            slots.put(s)
+        todo.sort(key=lambda c: -c.cost())  # longest first
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=compare._worker_init,
+                                 initargs=(slots,)) as pool:
+            futures = {pool.submit(compare._run_one, c.framework, c.optimizer, c.lr, model_cfg, train_config(c),
+                                   progress, c.label(), True): c for c in todo}
+            for fut in as_completed(futures):
+                finished(futures[fut], fut.result())
+    print(f"phase {phase}: {len(todo)} runs in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+# --- Reporting ---------------------------------------------------------------------------------------
+
+def _final(r: dict) -> float:
+    v = r["result"]["final_eval"]
+    return v if v is not None and math.isfinite(v) else float("inf")
+
+
+def markdown(doc: dict) -> str:
+    lines = []
+    for phase in dict.fromkeys(r["phase"] for r in doc["runs"]):
+        runs = sorted((r for r in doc["runs"] if r["phase"] == phase), key=_final)
+        lines += [f"### {phase}", "", "| framework | optimizer | lr | steps | seed | settings | final held-out "
+                  "| win rate (end) | s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            c, res = study_plan.Cell.from_dict(r["cell"]), r["result"]
+            win = f"{res['win_rate'][-1]:.2f}" if res.get("win_rate") else ""
+            final = f"{_final(r):.4f}" if math.isfinite(_final(r)) else "diverged"
+            lines.append(f"| {c.framework} | {c.optimizer} | {c.lr:.3g} | {c.steps} | {c.seed} | {c.settings_text()} "
+                         f"| {final} | {win} | {res['wall_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def heatmap(doc: dict, path: Path, phases=("grid-g", "grid-h")) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [(p, [r for r in doc["runs"] if r["phase"] == p]) for p in phases]
+    panels = [(p, rs) for p, rs in panels if rs]
+    if not panels:
+        return
+    adamw = [_final(r) for r in doc["runs"] if r["cell"]["optimizer"] == "adamw" and r["cell"]["steps"] == 600
+             and r["cell"]["seed"] == 0 and not r["cell"]["settings"]]
+    ref = min(adamw) if adamw else None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (phase, runs) in zip(axes[0], panels):
+        cells = [study_plan.Cell.from_dict(r["cell"]) for r in runs]
+        lrs = sorted({c.lr for c in cells})
+        gammas = sorted({c.settings_dict()["sophia_gamma"] for c in cells})
+        grid = np.full((len(gammas), len(lrs)), np.nan)
+        wins = np.full_like(grid, np.nan)
+        for c, r in zip(cells, runs):
+            i, j = gammas.index(c.settings_dict()["sophia_gamma"]), lrs.index(c.lr)
+            grid[i, j] = min(_final(r), 3.0)
+            wins[i, j] = r["result"]["win_rate"][-1] if r["result"].get("win_rate") else np.nan
+        im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=np.nanmin(grid), vmax=min(np.nanmax(grid), 2.2),
+                       aspect="auto")
+        for i in range(len(gammas)):
+            for j in range(len(lrs)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}\nwin {wins[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if grid[i, j] > np.nanmedian(grid) else "black")
+        ax.set_xticks(range(len(lrs)), [f"{x:.2g}" for x in lrs])
+        ax.set_yticks(range(len(gammas)), [f"{g:g}" for g in gammas])
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("gamma")
+        name = {"grid-g": "Sophia-G", "grid-h": "Sophia-H"}.get(phase, phase)
+        ax.set_title(f"{name}: final held-out loss (600 steps)" + (f"; AdamW {ref:.3f}" if ref else ""), fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    settings = study_plan.Cell.from_dict(panels[0][1][0]["cell"]).settings_dict()
+    settings.pop("sophia_gamma")
+    fig.suptitle("Sophia lr × gamma, JAX, seed 0; " + ", ".join(f"{k.removeprefix('sophia_')} {v}"
+                                                                 for k, v in settings.items()), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m examples.charlm.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train a phase's cells that are not recorded yet")
+    r.add_argument("--phase", required=True, choices=sorted(study_plan.PHASES))
+    r.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--dry-run", action="store_true", help="list the cells only")
+    r.add_argument("--resume", action="store_true", help="(always on: recorded cells are never rerun)")
+    rep = sub.add_parser("report", help="write study.md and heatmap.png")
+    for q in (r, rep):
+        q.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.command == "run":
+        return run_phase(args.phase, args.out, args.workers, not args.no_progress, args.dry_run)
+    doc = load(args.out / "runs.json")
+    (args.out / "study.md").write_text(markdown(doc) + "\n")
+    heatmap(doc, args.out / "heatmap.png")
+    print(f"{len(doc['runs'])} runs: {args.out / 'study.md'}, {args.out / 'heatmap.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
