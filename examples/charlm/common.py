@@ -50,6 +50,7 @@ class TrainConfig:
     sophia_betas: tuple[float, float] = (0.965, 0.99)  # EMA of the gradient, EMA of the Hessian estimate
     sophia_hessian_bias_correction: bool = False  # the ratio uses h / (1 - beta2^n), n refreshes so far
     sophia_early_refresh_steps: int = 0           # also refresh h at every step t <= this
+    sophia_eps: float = 1e-12     # lower bound of gamma·h (paper form)
 
     @property
     def warmup_steps(self) -> int:
@@ -74,7 +75,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 OPTIMIZERS = ("adamw", "soap", "sophia-g", "sophia-h")
 # Controls (JAX only): sign descent, which Sophia becomes when every coordinate is clipped.
-# Signum is sign(m) with m the EMA of the gradients at Sophia's beta1 (optax.lion with b1 = b2);
+# Signum is sign(m) with m the EMA of the gradients at Sophia's beta1 (``sophia_betas[0]``; optax.lion
+# with b1 = b2): what Sophia is where it clips every coordinate;
 # Lion is sign(b1·m + (1 - b1)·g) with m the EMA at b2 (Chen et al. 2023).
 CONTROLS = ("signum", "lion")
 ALL_OPTIMIZERS = OPTIMIZERS + CONTROLS
@@ -99,9 +101,8 @@ SOAP = dict(betas=(0.95, 0.95), eps=1e-8, precondition_frequency=10)
 # Sophia in the official / paper parameterisation (Liu et al. 2023, GPT-2 recipe):
 # betas (0.965, 0.99), k = 10, gamma ("rho" in the official code) 0.01-0.05, GNB scaled by the
 # number of predicted tokens, weight decay lr-scaled.
-# gamma and betas are TrainConfig fields (``sophia_gamma``, ``sophia_betas``): command-line options.
-SOPHIA = dict(k=10, eps=1e-12)
-SIGNUM = dict(b=0.965)
+# gamma, betas and eps are TrainConfig fields (``sophia_gamma``, ...): command-line options.
+SOPHIA = dict(k=10)
 LION = dict(b1=0.9, b2=0.99)
 
 # The example's own settings per optimizer: TrainConfig fields that differ from the TrainConfig

@@ -299,7 +299,7 @@ def build_configs(args: argparse.Namespace, corpus: data.Corpus):
     config = dict(model=dataclasses.asdict(model_cfg), train=dataclasses.asdict(train_cfg),
                   per_optimizer={opt: common.settings(c) for opt, c in per_optimizer.items()},
                   hyper=dict(adamw=common.ADAMW, soap=common.SOAP, sophia=common.SOPHIA,
-                             signum=common.SIGNUM, lion=common.LION))
+                             lion=common.LION))
     config = json.loads(json.dumps(config))  # tuples -> lists, for comparison with a loaded file
     return model_cfg, train_cfg, per_optimizer, config
 

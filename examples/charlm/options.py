@@ -21,6 +21,7 @@ FIELDS = {
     "sophia_betas": "sophia_betas",
     "sophia_hessian_bias_correction": "sophia_hessian_bias_correction",
     "sophia_early_refresh_steps": "sophia_early_refresh_steps",
+    "sophia_eps": "sophia_eps",
 }
 
 
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Sophia: divide h by 1 - beta2^n, n the refreshes so far (default off)")
     g.add_argument("--sophia-early-refresh-steps", type=int,
                    help="Sophia: also refresh h at every step t <= this (default 0)")
+    g.add_argument("--sophia-eps", type=float, help=f"Sophia: lower bound of gamma·h (default {d.sophia_eps})")
 
 
 def explicit(args: argparse.Namespace) -> dict:
@@ -66,7 +68,8 @@ def differences(configs: dict[str, common.TrainConfig], base: common.TrainConfig
     for opt, cfg in configs.items():
         changed = [f"{f.name} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
                    if getattr(cfg, f.name) != getattr(base, f.name)
-                   and (opt.startswith("sophia") or not f.name.startswith("sophia_"))]
+                   and (opt.startswith("sophia") or not f.name.startswith("sophia_")
+                        or (opt == "signum" and f.name == "sophia_betas"))]
         if changed:
             parts.append(f"{opt}: " + ", ".join(changed))
     return "; ".join(parts)

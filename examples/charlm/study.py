@@ -71,7 +71,7 @@ def run_phase(phase: str, out: Path, workers: int, progress: bool, dry_run: bool
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.json"
     doc = load(path)
-    done = {r["key"] for r in doc["runs"]}
+    done = {study_plan.Cell.from_dict(r["cell"]).key() for r in doc["runs"]}
     cells = study_plan.PHASES[phase](doc["runs"])
     todo = [c for c in dict.fromkeys(cells) if c.key() not in done]
     print(f"phase {phase}: {len(cells)} cells, {len(cells) - len(todo)} already in {path}, {len(todo)} to run",
@@ -154,11 +154,11 @@ def heatmap(doc: dict, path: Path, phases=("grid-g", "grid-h")) -> None:
     for ax, (phase, runs) in zip(axes[0], panels):
         cells = [study_plan.Cell.from_dict(r["cell"]) for r in runs]
         lrs = sorted({c.lr for c in cells})
-        gammas = sorted({c.settings_dict()["sophia_gamma"] for c in cells})
+        gammas = sorted({c.get("sophia_gamma") for c in cells})
         grid = np.full((len(gammas), len(lrs)), np.nan)
         wins = np.full_like(grid, np.nan)
         for c, r in zip(cells, runs):
-            i, j = gammas.index(c.settings_dict()["sophia_gamma"]), lrs.index(c.lr)
+            i, j = gammas.index(c.get("sophia_gamma")), lrs.index(c.lr)
             grid[i, j] = min(_final(r), 3.0)
             wins[i, j] = r["result"]["win_rate"][-1] if r["result"].get("win_rate") else np.nan
         im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=np.nanmin(grid), vmax=min(np.nanmax(grid), 2.2),
@@ -175,8 +175,9 @@ def heatmap(doc: dict, path: Path, phases=("grid-g", "grid-h")) -> None:
         name = {"grid-g": "Sophia-G", "grid-h": "Sophia-H"}.get(phase, phase)
         ax.set_title(f"{name}: final held-out loss (600 steps)" + (f"; AdamW {ref:.3f}" if ref else ""), fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    settings = study_plan.Cell.from_dict(panels[0][1][0]["cell"]).settings_dict()
-    settings.pop("sophia_gamma")
+    first = study_plan.Cell.from_dict(panels[0][1][0]["cell"])
+    settings = {k: first.get(k) for k in ("sophia_betas", "sophia_hessian_bias_correction", "warmup_frac",
+                                          "clip_grad_norm")}
     fig.suptitle("Sophia lr × gamma, JAX, seed 0; " + ", ".join(f"{k.removeprefix('sophia_')} {v}"
                                                                  for k, v in settings.items()), fontsize=9)
     fig.tight_layout()

@@ -22,22 +22,28 @@ class Cell:
     lr: float
     steps: int = 600
     seed: int = 0
-    settings: tuple = ()  # sorted (TrainConfig field, value) pairs
+    settings: tuple = ()  # sorted (TrainConfig field, value) pairs, the fields that differ from the defaults
 
     @classmethod
     def make(cls, optimizer: str, lr: float, framework: str = "jax", steps: int = 600, seed: int = 0,
              **settings) -> Cell:
-        fields = {f.name for f in dataclasses.fields(common.TrainConfig)}
+        defaults = common.TrainConfig()
         for name in settings:
-            if name not in fields:
+            if not hasattr(defaults, name):
                 raise ValueError(f"settings: {name!r} is not a TrainConfig field")
-        if not optimizer.startswith("sophia"):
-            settings = {k: v for k, v in settings.items() if not k.startswith("sophia_")}
-        return cls(framework, optimizer, float(f"{lr:.6g}"), steps, seed,
-                   tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())))
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+        settings = {k: v for k, v in settings.items() if v != getattr(defaults, k)}
+        if not optimizer.startswith("sophia"):  # Signum's beta is Sophia's beta1
+            settings = {k: v for k, v in settings.items() if not k.startswith("sophia_")
+                        or (optimizer == "signum" and k == "sophia_betas")}
+        return cls(framework, optimizer, float(f"{lr:.6g}"), steps, seed, tuple(sorted(settings.items())))
 
     def settings_dict(self) -> dict:
         return dict(self.settings)
+
+    def get(self, name: str):
+        """A TrainConfig field's value in this cell (the default if the cell does not set it)."""
+        return self.settings_dict().get(name, getattr(common.TrainConfig(), name))
 
     def with_(self, **changes) -> Cell:
         top = {k: changes.pop(k) for k in ("framework", "lr", "steps", "seed", "optimizer") if k in changes}
@@ -61,7 +67,8 @@ class Cell:
 
     def settings_text(self) -> str:
         short = {"sophia_gamma": "γ", "sophia_betas": "betas", "sophia_hessian_bias_correction": "hbc",
-                 "sophia_early_refresh_steps": "early", "warmup_frac": "warm-up", "clip_grad_norm": "clip"}
+                 "sophia_early_refresh_steps": "early", "warmup_frac": "warm-up", "clip_grad_norm": "clip",
+                 "sophia_eps": "eps", "weight_decay": "wd"}
         return ", ".join(f"{short.get(k, k)} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
                          for k, v in self.settings) or "defaults"
 
@@ -131,10 +138,101 @@ def controls(runs) -> list[Cell]:
             + [Cell.make("adamw", 6e-3, warmup_frac=0.3), Cell.make("adamw", 6e-3, clip_grad_norm=1.0)])
 
 
+def variations(cell: Cell) -> list[Cell]:
+    """One factor at a time around ``cell``: the issue's beta2 0.95, warm-up 30 %, gradient clipping 1.0, the
+    Hessian bias correction off (on), early refreshes; and beta1 0.9 (sign(m) forgets noise sooner: the
+    Signum / Lion controls lose more the longer their momentum) and weight decay 1.0 (lr·wd nearer AdamW's
+    per-step decay at lr 6e-3; sign methods are usually given a larger weight decay), and eps 1e-5 / 1e-4 as
+    the floor of gamma·h (about the size of |m|: coordinates whose momentum is below it then move by
+    lr·m/eps instead of a full sign step of lr)."""
+    b1, b2 = cell.get("sophia_betas")
+    out = [cell.with_(sophia_betas=(b1, 0.95 if b2 != 0.95 else 0.99)),
+           cell.with_(sophia_betas=(0.9 if b1 != 0.9 else 0.965, b2)),
+           cell.with_(warmup_frac=0.3 if cell.get("warmup_frac") != 0.3 else 0.1),
+           cell.with_(clip_grad_norm=1.0 if not cell.get("clip_grad_norm") else 0.0),
+           cell.with_(sophia_hessian_bias_correction=not cell.get("sophia_hessian_bias_correction")),
+           cell.with_(sophia_early_refresh_steps=20 if not cell.get("sophia_early_refresh_steps") else 0),
+           cell.with_(weight_decay=1.0 if cell.get("weight_decay") != 1.0 else 0.1),
+           cell.with_(sophia_eps=1e-5), cell.with_(sophia_eps=1e-4)]
+    return out
+
+
+def one_factor(optimizer: str, grids: tuple[str, ...], n: int) -> Callable[[list[dict]], list[Cell]]:
+    def cells(runs) -> list[Cell]:
+        return [v for c in best(runs, grids, optimizer, n) for v in variations(c)]
+    cells.__doc__ = f"one-factor variations around the {n} best {optimizer} cells of {grids}"
+    return cells
+
+
+def combined(optimizer: str, phases: tuple[str, ...]) -> Callable[[list[dict]], list[Cell]]:
+    """For each of the two best grid cells: the cell with all its one-factor changes that improved it, together
+    (when more than one did)."""
+    def cells(runs) -> list[Cell]:
+        by_key = {Cell.from_dict(r["cell"]).key(): _final(r) for r in runs}
+        out = []
+        for c in best(runs, phases[:-1], optimizer, 2):
+            better = [v for v in variations(c) if by_key.get(v.key(), float("inf")) < by_key.get(c.key(), 0.0)]
+            if len(better) > 1:
+                changes: dict = {}
+                for v in sorted(better, key=lambda v: -by_key[v.key()]):  # the best value of a field last
+                    for k in sorted(set(v.settings_dict()) | set(c.settings_dict())):
+                        val = v.get(k)
+                        if c.get(k) == val:
+                            continue
+                        if k == "sophia_betas" and k in changes:  # a beta1 and a beta2 change: both
+                            val = tuple(n if n != o else p for n, p, o in zip(val, changes[k], c.get(k)))
+                        changes[k] = val
+                out.append(c.with_(**changes))
+        return out
+    return cells
+
+
+SOPHIA_PHASES = {"sophia-g": ("probe", "grid-g", "one-factor-g", "combined-g"),
+                 "sophia-h": ("grid-h", "one-factor-h", "combined-h")}
+CONTROL_PHASES = ("probe", "controls", "controls-2")
+
+
+def controls_2(runs) -> list[Cell]:
+    """AdamW's lr again under its better schedule (warm-up 30 %), so that the reference is tuned as much as
+    the Sophia cells, and Signum at beta 0.9 (the one-factor change that helps Sophia most if any)."""
+    return ([Cell.make("adamw", lr, warmup_frac=0.3) for lr in (3e-3, 1.2e-2)]
+            + [Cell.make("signum", lr, sophia_betas=(0.9, 0.99)) for lr in (3e-4, 6e-4)])
+
+
+def finalists(runs) -> list[Cell]:
+    """The best cell of Sophia-G, Sophia-H, AdamW and Signum (600 steps, seed 0, every phase)."""
+    out = [c for opt, phases in SOPHIA_PHASES.items() for c in best(runs, phases, opt)]
+    return out + [c for opt in ("adamw", "signum") for c in best(runs, CONTROL_PHASES, opt)]
+
+
+def seeds(runs) -> list[Cell]:
+    """The finalists with two more seeds (data order, initial weights, Sophia's sampling)."""
+    return [c.with_(seed=s) for c in finalists(runs) for s in (1, 2)]
+
+
+def horizon(runs) -> list[Cell]:
+    """AdamW and the best Sophia-G / Sophia-H for 3,000 steps (the same schedule shape: warm-up fraction and
+    cosine to 10 % over the longer run)."""
+    return [c.with_(steps=3000) for c in finalists(runs) if c.optimizer != "signum"]
+
+
+def torch_confirmation(runs) -> list[Cell]:
+    """The best Sophia-G / Sophia-H and AdamW in PyTorch (torch_bridge.Sophia, torch.optim.AdamW)."""
+    return [c.with_(framework="torch") for c in finalists(runs) if c.optimizer != "signum"]
+
+
 PHASES: dict[str, Callable[[list[dict]], list[Cell]]] = {
     "probe": probe,
     "grid-g": grid("sophia-g"),
     "controls": controls,
     "grid-h": grid("sophia-h"),
+    "one-factor-g": one_factor("sophia-g", ("probe", "grid-g"), 2),
+    "combined-g": combined("sophia-g", ("probe", "grid-g", "one-factor-g")),
+    "controls-2": controls_2,
+    "one-factor-h": one_factor("sophia-h", ("grid-h",), 1),
+    "combined-h": combined("sophia-h", ("grid-h", "one-factor-h")),
+    "seeds": seeds,
+    "horizon": horizon,
+    "torch": torch_confirmation,
 }
 ORDER = tuple(PHASES)

@@ -45,8 +45,8 @@ def make_optimizer(name: str, peak_lr: float, cfg: common.TrainConfig) -> optax.
     wd = cfg.weight_decay
     if name == "adamw":
         tx = optax.adamw(schedule, weight_decay=wd, **common.ADAMW)
-    elif name == "signum":  # optax.lion with b1 = b2 = b: sign(m), m the EMA of the gradients at b
-        b = common.SIGNUM["b"]
+    elif name == "signum":  # optax.lion with b1 = b2 = b: sign(m), m the EMA of the gradients at Sophia's beta1
+        b = cfg.sophia_betas[0]
         tx = optax.lion(schedule, b1=b, b2=b, weight_decay=wd)
     elif name == "lion":
         tx = optax.lion(schedule, weight_decay=wd, **common.LION)
@@ -57,7 +57,7 @@ def make_optimizer(name: str, peak_lr: float, cfg: common.TrainConfig) -> optax.
         elif name in ("sophia-g", "sophia-h"):
             s = common.SOPHIA
             direction = so_optax.sophia(
-                betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=s["eps"],
+                betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=cfg.sophia_eps,
                 estimator="gnb" if name == "sophia-g" else "hutchinson",
                 form="paper", gamma=cfg.sophia_gamma, seed=cfg.opt_seed,
                 hessian_bias_correction=cfg.sophia_hessian_bias_correction,

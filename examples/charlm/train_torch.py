@@ -32,7 +32,7 @@ def make_optimizer(name: str, params, peak_lr: float, cfg: common.TrainConfig) -
     if name in ("sophia-g", "sophia-h"):
         s = common.SOPHIA
         return torch_bridge.Sophia(
-            params, lr=peak_lr, betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=s["eps"],
+            params, lr=peak_lr, betas=cfg.sophia_betas, weight_decay=wd, k=s["k"], eps=cfg.sophia_eps,
             hessian_computation_type="gnb" if name == "sophia-g" else "hutchinson",
             form="paper", gamma=cfg.sophia_gamma, hessian_bias_correction=cfg.sophia_hessian_bias_correction,
             early_refresh_steps=cfg.sophia_early_refresh_steps)

@@ -197,6 +197,8 @@ def test_study_cells_record_and_report(tmp_path):
     assert cell.with_(lr=6e-4).key() != cell.key() and cell.with_(lr=3e-4) == cell
     assert study.train_config(cell).sophia_betas == (0.965, 0.99) and study.train_config(cell).warmup_frac == 0.3
     assert study_plan.Cell.make("adamw", 1e-3, sophia_gamma=0.1) == study_plan.Cell.make("adamw", 1e-3)
+    assert study_plan.Cell.make("adamw", 1e-3, warmup_frac=0.1) == study_plan.Cell.make("adamw", 1e-3)  # a default
+    assert cell.get("sophia_betas") == (0.965, 0.99) and cell.get("clip_grad_norm") == 0.0
     with pytest.raises(ValueError, match="settings"):
         study_plan.Cell.make("adamw", 1e-3, gama=0.1)
     runs = []
@@ -210,3 +212,19 @@ def test_study_cells_record_and_report(tmp_path):
     assert md.count("| jax | sophia-g |") == len(study_plan.LRS) * len(study_plan.GAMMAS) and "1.5000" in md
     study.heatmap(doc, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_study_combines_the_improving_factors():
+    from examples.charlm import study, study_plan
+    base = study_plan.Cell.make("sophia-g", 3e-4, sophia_hessian_bias_correction=True)
+    finals = {base: 1.70}
+    for v in study_plan.variations(base):
+        finals[v] = 1.80
+    b1, b2, warm, clip, hbc, early, wd, eps5, eps4 = study_plan.variations(base)
+    finals.update({b1: 1.69, b2: 1.68, hbc: 1.65, eps5: 1.66, eps4: 1.64})
+    runs = [dict(phase="grid-g" if c == base else "one-factor-g", cell=c.to_dict(),
+                 result=study.slim(common.RunResult("jax", c.optimizer, c.lr, 600, [0, 600], [4.6, f], [4.0] * 25)))
+            for c, f in finals.items()]
+    (combo,) = study_plan.combined("sophia-g", ("grid-g", "one-factor-g"))(runs)
+    assert combo.get("sophia_betas") == (0.9, 0.95) and combo.get("sophia_eps") == 1e-4
+    assert combo.get("sophia_hessian_bias_correction") is False and combo.get("warmup_frac") == 0.1
