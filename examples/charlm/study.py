@@ -185,6 +185,52 @@ def heatmap(doc: dict, path: Path, phases=("grid-g", "grid-h")) -> None:
     plt.close(fig)
 
 
+def diagnose(cell: study_plan.Cell, at: int, window: int = 50) -> list[dict]:
+    """Where Sophia clips: train ``cell`` (JAX) for ``at`` steps and report, per parameter, the clipped
+    fraction, the medians of |m| and of gamma·h (as the step uses it) and the gradient's signal-to-noise
+    ratio |mean g| / std g over the last ``window`` steps."""
+    import jax
+    import numpy as np
+    import optax
+
+    from . import model_flax, train_jax
+    corpus = data.load_corpus()
+    model_cfg, cfg = model_config(corpus), train_config(cell)
+    apply, params = model_flax.build_model(model_cfg, common.init_params(model_cfg, cfg.init_seed))
+    tx = train_jax.make_optimizer(cell.optimizer, cell.lr, cfg)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, x, y):
+        g = jax.grad(lambda q: train_jax.cross_entropy(apply(q, x), y))(p)
+        u, s = tx.update(g, s, p, logits_fn=lambda q: apply(q, x), obj_fn=lambda q: train_jax.cross_entropy(
+            apply(q, x), y))
+        return optax.apply_updates(p, u), s, g
+
+    sampler = data.BatchSampler(corpus.train, cfg.batch_size, model_cfg.context, cfg.data_seed)
+    recent = []
+    for t in range(at):
+        params, state, g = step(params, state, *next(sampler))
+        if t >= at - window:
+            recent.append([np.asarray(x) for x in jax.tree.leaves(g)])
+    def is_sophia(x) -> bool:
+        return hasattr(x, "clip_rule")
+
+    (sophia,) = [x for x in jax.tree.leaves(state, is_leaf=is_sophia) if is_sophia(x)]
+    rule = sophia.clip_rule
+    rows = []
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(sophia.mu)]
+    for i, (path, m, h) in enumerate(zip(paths, jax.tree.leaves(sophia.mu), jax.tree.leaves(sophia.nu))):
+        m, gh = np.asarray(m), float(rule.gamma * rule.hessian_scale) * np.asarray(h)
+        ratio = np.abs(m) / np.maximum(gh, float(rule.floor))
+        grads = np.stack([r[i] for r in recent])
+        snr = np.abs(grads.mean(0)) / np.maximum(grads.std(0), 1e-30)
+        rows.append(dict(param=path, size=int(m.size), clipped=float(np.mean(ratio >= 1.0)),
+                         m_median=float(np.median(np.abs(m))), gamma_h_median=float(np.median(gh)),
+                         grad_snr_median=float(np.median(snr))))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.charlm.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,11 +242,28 @@ def main(argv=None) -> int:
     r.add_argument("--dry-run", action="store_true", help="list the cells only")
     r.add_argument("--resume", action="store_true", help="(always on: recorded cells are never rerun)")
     rep = sub.add_parser("report", help="write study.md and heatmap.png")
-    for q in (r, rep):
+    d = sub.add_parser("diagnose", help="where Sophia clips, per parameter, after --at steps of one cell")
+    d.add_argument("--optimizer", default="sophia-g", choices=("sophia-g", "sophia-h"))
+    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--at", type=int, default=200)
+    d.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="a TrainConfig field of the cell, e.g. --set sophia_gamma=0.05 (repeatable)")
+    for q in (r, rep, d):
         q.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.command == "run":
         return run_phase(args.phase, args.out, args.workers, not args.no_progress, args.dry_run)
+    if args.command == "diagnose":
+        cell = study_plan.Cell.make(args.optimizer, args.lr, **{k: json.loads(v) for k, v in
+                                                                (item.split("=", 1) for item in args.set)})
+        rows = diagnose(cell, args.at)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"diagnose_{args.optimizer}_{args.at}.json"
+        path.write_text(json.dumps(dict(cell=cell.to_dict(), at=args.at, params=rows), indent=1))
+        for row in rows:
+            print(f"{row['param']:42s} {row['size']:6d} clipped {row['clipped']:5.2f}  |m| {row['m_median']:.1e}  "
+                  f"gamma·h {row['gamma_h_median']:.1e}  grad SNR {row['grad_snr_median']:.2f}")
+        return 0
     doc = load(args.out / "runs.json")
     (args.out / "study.md").write_text(markdown(doc) + "\n")
     heatmap(doc, args.out / "heatmap.png")

@@ -225,6 +225,7 @@ def test_study_combines_the_improving_factors():
     runs = [dict(phase="grid-g" if c == base else "one-factor-g", cell=c.to_dict(),
                  result=study.slim(common.RunResult("jax", c.optimizer, c.lr, 600, [0, 600], [4.6, f], [4.0] * 25)))
             for c, f in finals.items()]
-    (combo,) = study_plan.combined("sophia-g", ("grid-g", "one-factor-g"))(runs)
+    combo, lower, higher = study_plan.combined("sophia-g", ("grid-g", "one-factor-g"))(runs)
+    assert (lower.lr, higher.lr) == (2.4e-4, 3.75e-4) and lower.with_(lr=3e-4) == combo
     assert combo.get("sophia_betas") == (0.9, 0.95) and combo.get("sophia_eps") == 1e-4
     assert combo.get("sophia_hessian_bias_correction") is False and combo.get("warmup_frac") == 0.1
