@@ -137,58 +137,66 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def heatmap(doc: dict, path: Path, phases=("grid-g", "grid-h")) -> None:
+def heatmap(doc: dict, path: Path, optimizers=("sophia-g", "sophia-h")) -> None:
+    """Final held-out loss over lr × gamma per estimator: every seed-0, 600-step cell (any phase) whose other
+    settings are the grid's (``study_plan.GRID_BASE``); blank where no run was made."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [(p, [r for r in doc["runs"] if r["phase"] == p]) for p in phases]
-    panels = [(p, rs) for p, rs in panels if rs]
+    base = study_plan.Cell.make("sophia-g", 1.0, **study_plan.GRID_BASE)
+    panels = []
+    for opt in optimizers:
+        found = {}
+        for r in doc["runs"]:
+            c = study_plan.Cell.from_dict(r["cell"])
+            on_axes = c.lr in study_plan.HEATMAP_LRS and c.get("sophia_gamma") in study_plan.HEATMAP_GAMMAS
+            if (c.optimizer, c.steps, c.seed, c.framework) == (opt, 600, 0, "jax") and on_axes and \
+                    c.with_(sophia_gamma=base.get("sophia_gamma"), lr=1.0).settings == base.settings:
+                found[(c.get("sophia_gamma"), c.lr)] = r
+        if found:
+            panels.append((opt, found))
     if not panels:
         return
     adamw = [_final(r) for r in doc["runs"] if r["cell"]["optimizer"] == "adamw" and r["cell"]["steps"] == 600
-             and r["cell"]["seed"] == 0 and not r["cell"]["settings"]]
-    ref = min(adamw) if adamw else None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (phase, runs) in zip(axes[0], panels):
-        cells = [study_plan.Cell.from_dict(r["cell"]) for r in runs]
-        lrs = sorted({c.lr for c in cells})
-        gammas = sorted({c.get("sophia_gamma") for c in cells})
+             and r["cell"]["seed"] == 0 and not r["cell"]["settings"] and r["cell"]["framework"] == "jax"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 6.0 * len(panels)), 5.0), squeeze=False)
+    for ax, (opt, found) in zip(axes[0], panels):
+        gammas, lrs = sorted({g for g, _ in found}), sorted({lr for _, lr in found})
         grid = np.full((len(gammas), len(lrs)), np.nan)
         wins = np.full_like(grid, np.nan)
-        for c, r in zip(cells, runs):
-            i, j = gammas.index(c.get("sophia_gamma")), lrs.index(c.lr)
+        for (g, lr), r in found.items():
+            i, j = gammas.index(g), lrs.index(lr)
             grid[i, j] = min(_final(r), 3.0)
             wins[i, j] = r["result"]["win_rate"][-1] if r["result"].get("win_rate") else np.nan
-        im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=np.nanmin(grid), vmax=min(np.nanmax(grid), 2.2),
-                       aspect="auto")
+        top = min(np.nanmax(grid), 2.2)
+        im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=np.nanmin(grid), vmax=top, aspect="auto")
         for i in range(len(gammas)):
             for j in range(len(lrs)):
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3f}\nwin {wins[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if grid[i, j] > np.nanmedian(grid) else "black")
-        ax.set_xticks(range(len(lrs)), [f"{x:.2g}" for x in lrs])
+                            color="white" if grid[i, j] > (np.nanmin(grid) + top) / 2 else "black")
+        ax.set_xticks(range(len(lrs)), [f"{x:.3g}" for x in lrs])
         ax.set_yticks(range(len(gammas)), [f"{g:g}" for g in gammas])
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("gamma")
-        name = {"grid-g": "Sophia-G", "grid-h": "Sophia-H"}.get(phase, phase)
-        ax.set_title(f"{name}: final held-out loss (600 steps)" + (f"; AdamW {ref:.3f}" if ref else ""), fontsize=9)
+        name = {"sophia-g": "Sophia-G", "sophia-h": "Sophia-H"}[opt]
+        ref = f"; AdamW (lr 6e-3) {min(adamw):.3f}" if adamw else ""
+        ax.set_title(f"{name}: final held-out loss, win rate at the end{ref}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    first = study_plan.Cell.from_dict(panels[0][1][0]["cell"])
-    settings = {k: first.get(k) for k in ("sophia_betas", "sophia_hessian_bias_correction", "warmup_frac",
-                                          "clip_grad_norm")}
-    fig.suptitle("Sophia lr × gamma, JAX, seed 0; " + ", ".join(f"{k.removeprefix('sophia_')} {v}"
-                                                                 for k, v in settings.items()), fontsize=9)
+    fig.suptitle("JAX, 600 steps, seed 0; betas (0.965, 0.99), Hessian EMA bias-corrected,\nwarm-up 10 %, "
+                 "no clipping (colour scale capped at 2.2)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def diagnose(cell: study_plan.Cell, at: int, window: int = 50) -> list[dict]:
+def diagnose(cell: study_plan.Cell, at: int, window: int = 50) -> dict:
     """Where Sophia clips: train ``cell`` (JAX) for ``at`` steps and report, per parameter, the clipped
     fraction, the medians of |m| and of gamma·h (as the step uses it) and the gradient's signal-to-noise
-    ratio |mean g| / std g over the last ``window`` steps."""
+    ratio |mean g| / std g over the last ``window`` steps; and per block the attention-logit scale
+    ``‖W_qᵀ W_k‖₂ / √d_head`` (the largest logit is this times ‖x‖² = d after the LayerNorm)."""
     import jax
     import numpy as np
     import optax
@@ -228,7 +236,11 @@ def diagnose(cell: study_plan.Cell, at: int, window: int = 50) -> list[dict]:
         rows.append(dict(param=path, size=int(m.size), clipped=float(np.mean(ratio >= 1.0)),
                          m_median=float(np.median(np.abs(m))), gamma_h_median=float(np.median(gh)),
                          grad_snr_median=float(np.median(snr))))
-    return rows
+    d, d_head = model_cfg.d_model, model_cfg.d_model // model_cfg.n_head
+    qk = [float(np.linalg.norm(np.asarray(b["attn"]["qkv"]["kernel"])[:, :d].T
+                               @ np.asarray(b["attn"]["qkv"]["kernel"])[:, d:2 * d], 2) / d_head ** 0.5)
+          for b in (params["blocks"][i] for i in range(model_cfg.n_layer))]
+    return dict(params=rows, qk_logit_scale=qk)
 
 
 def main(argv=None) -> int:
@@ -256,11 +268,12 @@ def main(argv=None) -> int:
     if args.command == "diagnose":
         cell = study_plan.Cell.make(args.optimizer, args.lr, **{k: json.loads(v) for k, v in
                                                                 (item.split("=", 1) for item in args.set)})
-        rows = diagnose(cell, args.at)
+        found = diagnose(cell, args.at)
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"diagnose_{args.optimizer}_{args.at}.json"
-        path.write_text(json.dumps(dict(cell=cell.to_dict(), at=args.at, params=rows), indent=1))
-        for row in rows:
+        path = args.out / f"diagnose_{args.optimizer}_lr{args.lr:g}_at{args.at}.json"
+        path.write_text(json.dumps(dict(cell=cell.to_dict(), at=args.at, **found), indent=1))
+        print("attention-logit scale per block:", ", ".join(f"{x:.2f}" for x in found["qk_logit_scale"]))
+        for row in found["params"]:
             print(f"{row['param']:42s} {row['size']:6d} clipped {row['clipped']:5.2f}  |m| {row['m_median']:.1e}  "
                   f"gamma·h {row['gamma_h_median']:.1e}  grad SNR {row['grad_snr_median']:.2f}")
         return 0

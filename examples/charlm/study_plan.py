@@ -120,13 +120,20 @@ def probe(runs) -> list[Cell]:
 LRS = (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3)
 GAMMAS = (0.025, 0.05, 0.1, 0.2)
 GRID_BASE = dict(sophia_betas=(0.965, 0.99), sophia_hessian_bias_correction=True)
+GAMMA_G = (0.4, 0.8, 1.6)
+HEATMAP_LRS, HEATMAP_GAMMAS = (3e-4,) + LRS, GAMMAS + GAMMA_G
 
 
 def grid(optimizer: str) -> Callable[[list[dict]], list[Cell]]:
     def cells(runs) -> list[Cell]:
-        return [Cell.make(optimizer, lr, sophia_gamma=g, **GRID_BASE) for g in GAMMAS for lr in LRS]
+        return [Cell.make(optimizer, lr, sophia_gamma=g, **GRID_BASE) for lr in LRS for g in GAMMAS]  # low lr first
     cells.__doc__ = f"lr × gamma for {optimizer}"
     return cells
+
+
+def gamma_g(runs) -> list[Cell]:
+    """Larger gamma at the lowest lrs (at 3.75e-4 the grid's loss falls with gamma all the way to 0.2)."""
+    return [Cell.make("sophia-g", lr, sophia_gamma=g, **GRID_BASE) for lr in (3e-4, 3.75e-4) for g in GAMMA_G]
 
 
 def controls(runs) -> list[Cell]:
@@ -144,7 +151,7 @@ def variations(cell: Cell) -> list[Cell]:
     Signum / Lion controls lose more the longer their momentum) and weight decay 1.0 (lr·wd nearer AdamW's
     per-step decay at lr 6e-3; sign methods are usually given a larger weight decay), and eps 1e-5 / 1e-4 as
     the floor of gamma·h (about the size of |m|: coordinates whose momentum is below it then move by
-    lr·m/eps instead of a full sign step of lr)."""
+    lr·m/eps instead of a full sign step of lr), and gamma ×2 / ×4 (at lr 3.75e-4 the grid improves with gamma)."""
     b1, b2 = cell.get("sophia_betas")
     out = [cell.with_(sophia_betas=(b1, 0.95 if b2 != 0.95 else 0.99)),
            cell.with_(sophia_betas=(0.9 if b1 != 0.9 else 0.965, b2)),
@@ -153,7 +160,8 @@ def variations(cell: Cell) -> list[Cell]:
            cell.with_(sophia_hessian_bias_correction=not cell.get("sophia_hessian_bias_correction")),
            cell.with_(sophia_early_refresh_steps=20 if not cell.get("sophia_early_refresh_steps") else 0),
            cell.with_(weight_decay=1.0 if cell.get("weight_decay") != 1.0 else 0.1),
-           cell.with_(sophia_eps=1e-5), cell.with_(sophia_eps=1e-4)]
+           cell.with_(sophia_eps=1e-5), cell.with_(sophia_eps=1e-4),
+           cell.with_(sophia_gamma=2 * cell.get("sophia_gamma")), cell.with_(sophia_gamma=4 * cell.get("sophia_gamma"))]
     return out
 
 
@@ -188,7 +196,7 @@ def combined(optimizer: str, phases: tuple[str, ...]) -> Callable[[list[dict]], 
     return cells
 
 
-SOPHIA_PHASES = {"sophia-g": ("probe", "grid-g", "one-factor-g", "combined-g"),
+SOPHIA_PHASES = {"sophia-g": ("probe", "grid-g", "gamma-g", "one-factor-g", "combined-g"),
                  "sophia-h": ("grid-h", "one-factor-h", "combined-h")}
 CONTROL_PHASES = ("probe", "controls", "controls-2")
 
@@ -227,8 +235,9 @@ PHASES: dict[str, Callable[[list[dict]], list[Cell]]] = {
     "grid-g": grid("sophia-g"),
     "controls": controls,
     "grid-h": grid("sophia-h"),
-    "one-factor-g": one_factor("sophia-g", ("probe", "grid-g"), 1),
-    "combined-g": combined("sophia-g", ("probe", "grid-g", "one-factor-g")),
+    "gamma-g": gamma_g,
+    "one-factor-g": one_factor("sophia-g", ("probe", "grid-g", "gamma-g"), 1),
+    "combined-g": combined("sophia-g", ("probe", "grid-g", "gamma-g", "one-factor-g")),
     "controls-2": controls_2,
     "one-factor-h": one_factor("sophia-h", ("grid-h",), 1),
     "combined-h": combined("sophia-h", ("grid-h", "one-factor-h")),

@@ -220,7 +220,7 @@ def test_study_combines_the_improving_factors():
     finals = {base: 1.70}
     for v in study_plan.variations(base):
         finals[v] = 1.80
-    b1, b2, warm, clip, hbc, early, wd, eps5, eps4 = study_plan.variations(base)
+    b1, b2, warm, clip, hbc, early, wd, eps5, eps4, gamma2, gamma4 = study_plan.variations(base)
     finals.update({b1: 1.69, b2: 1.68, hbc: 1.65, eps5: 1.66, eps4: 1.64})
     runs = [dict(phase="grid-g" if c == base else "one-factor-g", cell=c.to_dict(),
                  result=study.slim(common.RunResult("jax", c.optimizer, c.lr, 600, [0, 600], [4.6, f], [4.0] * 25)))
