@@ -988,7 +988,10 @@ def suite_sophia_opt(S: Suite, wl, steps: int) -> None:
 
     def ours_torch():
         Sophia = _need("torch_bridge.Sophia")
-        return run_torch_opt("torch_bridge.Sophia", lambda ps: Sophia(ps, lr=lr, k=never), shapes, n_warm, n_steps, 10)
+        # 'manual': the step without an estimator (no logits needed); the same steps as 'gnb' without refreshes
+        return run_torch_opt("torch_bridge.Sophia",
+                             lambda ps: Sophia(ps, lr=lr, k=never, hessian_computation_type="manual"),
+                             shapes, n_warm, n_steps, 10)
 
     def sophiah_torch():
         import torch  # noqa: PLC0415

@@ -426,7 +426,7 @@ def test_sparse_gradient_raises():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(lr=-1.0), r"Invalid lr"),
+        (dict(lr=-1.0), r"Invalid learning rate: lr=-1.0"),
         (dict(betas=(1.0, 0.9)), r"Invalid betas\[0\]"),
         (dict(betas=(0.9, -0.1)), r"Invalid betas\[1\]"),
         (dict(betas=0.9), r"Invalid betas"),
@@ -461,7 +461,7 @@ def test_complex_params_and_invalid_groups_are_rejected_whole():
     opt = SOAP([w])
     with pytest.raises(ValueError, match="param group 1 has dtype torch.complex64"):
         opt.add_param_group({"params": [z]})
-    with pytest.raises(ValueError, match="Invalid lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate: lr="):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": -1.0})
     assert len(opt.param_groups) == 1  # a rejected group is not left behind
     w.grad = torch.randn(2, 2)

@@ -360,7 +360,7 @@ def test_sample_labels_shape_and_distribution():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(lr=-1.0), "lr"),
+        (dict(lr=-1.0), "learning rate"),
         (dict(betas=(1.0, 0.9)), r"betas\[0\]"),
         (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
         (dict(rho=-0.1), "rho"),
@@ -399,14 +399,18 @@ def test_complex_params_raise():
     assert len(opt.param_groups) == 1
 
 
-def test_refresh_step_without_logits_or_closure_raises():
+def test_a_step_without_logits_or_closure_raises_at_once():
+    """Not only on the first refresh step (the k-th): a 5-step smoke test with k = 10 must see it."""
     model = _classifier()
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 4, (4,))
-    opt = Sophia(model.parameters(), k=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = Sophia(model.parameters(), k=10)
     F.cross_entropy(model(x), y).backward()
-    opt.step()  # step 1: no refresh, logits not needed
-    with pytest.raises(ValueError, match="`logits`"):
-        opt.step()  # step 2 refreshes
+    with pytest.raises(ValueError, match="needs `logits` at every step"):
+        opt.step()  # step 1 does not refresh
+    assert not opt.state and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    frozen = Sophia([torch.ones(2, requires_grad=False)])  # nothing to train: nothing needed
+    frozen.step()
 
     # logits without their graph
     opt = Sophia(model.parameters(), k=1)
@@ -423,10 +427,12 @@ def test_refresh_step_without_logits_or_closure_raises():
 
     model = _regressor()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
-    opt = Sophia(model.parameters(), k=1, hessian_computation_type="hutchinson")
+    opt = Sophia(model.parameters(), k=10, hessian_computation_type="hutchinson")
     F.mse_loss(model(x), y).backward()
-    with pytest.raises(ValueError, match="`closure`"):
-        opt.step()
+    with pytest.raises(ValueError, match="needs `closure` at every step"):
+        opt.step()  # step 1 does not refresh
+    assert not opt.state
+    opt = Sophia(model.parameters(), k=1, hessian_computation_type="hutchinson")
 
     def backward_closure():
         loss = F.mse_loss(model(x), y)
@@ -510,7 +516,8 @@ def test_params_without_grad_are_skipped_and_per_group_hyperparameters():
     a = torch.ones(3, requires_grad=True)
     b = torch.ones(2, requires_grad=True)
     frozen = torch.ones(4, requires_grad=True)
-    opt = Sophia([{"params": [a, frozen]}, {"params": [b], "lr": 0.5, "weight_decay": 0.1}], lr=0.1, rho=0.03, k=5)
+    opt = Sophia([{"params": [a, frozen]}, {"params": [b], "lr": 0.5, "weight_decay": 0.1}], lr=0.1, rho=0.03, k=5,
+                 hessian_computation_type="manual")
     a.grad = torch.ones(3)
     b.grad = -torch.ones(2)
     opt.step()
