@@ -1,7 +1,8 @@
 """Tests of torch_bridge.Sophia: step-for-step equality with the seed class, estimators, API conventions.
 
-The seed implementation is not part of the repository: tests that need it load its source at runtime from
-the seed document (``<repo>/../shared/seeds/000_8e79b5adb9178ad8.txt``) and skip when it is missing.
+The reference implementation (the Sophia class this one replaces, "the seed") is not part of the repository:
+tests that need it load its source at run time from ``$SO_OPTAX_REFERENCE_DIR`` and skip without it (see
+``tests/reference_impl.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.reference_impl import SOPHIA_DOC, reference_document
 from torch_bridge import Sophia
 from torch_bridge._hessian_estimators import (
     gnb_hessian_diagonal,
@@ -25,7 +27,6 @@ from torch_bridge._hessian_estimators import (
     sample_labels,
 )
 
-SEED_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "seeds" / "000_8e79b5adb9178ad8.txt"
 RTOL = 1e-6
 
 
@@ -39,10 +40,13 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------- seed loading
+def _seed_document() -> Path:
+    return reference_document(SOPHIA_DOC, "that torch_bridge.Sophia steps exactly as the reference Sophia class "
+                                          "does and runs its two example scripts with only the import changed")
+
+
 def _seed_blocks() -> list[str]:
-    if not SEED_FILE.exists():
-        pytest.skip(f"seed document not found: {SEED_FILE}")
-    return re.findall(r"```python\n(.*?)```", SEED_FILE.read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", _seed_document().read_text(), re.S)
 
 
 def _seed_class():
@@ -50,7 +54,7 @@ def _seed_class():
     if not blocks:
         pytest.skip("no `class Sophia` block in the seed document")
     namespace: dict = {"__name__": "sophia_seed"}
-    exec(compile(blocks[0], str(SEED_FILE), "exec"), namespace)
+    exec(compile(blocks[0], str(_seed_document()), "exec"), namespace)
     return namespace["Sophia"]
 
 
