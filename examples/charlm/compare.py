@@ -34,6 +34,10 @@ FRAMEWORKS = ("jax", "torch")
 # The small default: the full model and data, fewer steps, the base learning rate only.
 DEFAULT = dict(steps=200, lr_grid=(1.0,), frameworks=("jax", "torch"), optimizers=common.OPTIMIZERS,
                d_model=128, n_layer=2, context=64, batch_size=32, eval_every=25)
+# Final held-out losses of the small default run, measured on a 2-core x86 CPU (README, Quickstart). Another
+# machine's kernels round differently; expect these to within about 0.02.
+DEFAULT_EXPECTED = {"jax": {"adamw": 2.180, "soap": 1.913, "sophia-g": 2.337, "sophia-h": 2.336},
+                    "torch": {"adamw": 2.180, "soap": 1.924, "sophia-g": 2.336, "sophia-h": 2.340}}
 # The issue's scale.
 FULL = dict(steps=600, lr_grid=(0.5, 1.0, 2.0, 4.0), frameworks=("jax", "torch"),
             optimizers=common.OPTIMIZERS, d_model=128, n_layer=2, context=64, batch_size=32,
@@ -100,6 +104,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--base-lr: expected OPT=LR with OPT in {common.OPTIMIZERS}, got {item!r}")
         args.base_lrs[name] = float(value)
     return args
+
+
+def expected_line(args: argparse.Namespace, config: dict, corpus: data.Corpus, rows: list[dict]) -> str | None:
+    """For the default run (no arguments that change a result), the measured figures beside these."""
+    default = parse_args([])
+    if build_configs(default, corpus)[2] != config or any(
+            getattr(args, key) != getattr(default, key) for key in ("lr_grid", "frameworks", "optimizers", "base_lrs")):
+        return None
+    pairs = [f"{r['framework']} {r['optimizer']} {r['final_eval']:.3f} "
+             f"({DEFAULT_EXPECTED[r['framework']][r['optimizer']]:.3f})" for r in rows]
+    return ("final held-out loss, this run (expected on a 2-core CPU, to about 0.02): " + ", ".join(pairs))
 
 
 def available(framework: str, optimizer: str) -> str | None:
@@ -412,6 +427,9 @@ def main(argv=None) -> int:
                       f"![loss curves]({stem.with_suffix('.png').name})"])
     stem.with_suffix(".md").write_text(md + "\n")
     print(table)
+    expected = expected_line(args, config, corpus, rows)
+    if expected:
+        print(f"\n{expected}")
     print(f"\nwall-clock {wall:.0f} s; table: {stem.with_suffix('.md')}; plot: {stem.with_suffix('.png')}; "
           f"runs: {stem.with_suffix('.json')}")
     return 0
