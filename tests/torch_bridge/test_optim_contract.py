@@ -102,12 +102,16 @@ def _first_state(opt):
     return opt.state[opt.param_groups[0]["params"][0]]
 
 
+def _saved_and_fresh(name):
+    """A state dict after 4 steps, the name of its first moment, and a fresh optimizer to load it into."""
+    trained, _ = _train(name, 1e-2, steps=4)
+    fresh, _ = _train(name, 1e-2, steps=0)
+    return trained.state_dict(), "exp_avg" if name == "SOAP" else "momentum_buffer", fresh
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_load_state_dict_pre_hook_edits_the_loaded_state(name):
-    trained, _ = _train(name, 1e-2, steps=4)
-    saved = trained.state_dict()
-    key = "exp_avg" if name == "SOAP" else "momentum_buffer"
-    fresh, _ = _train(name, 1e-2, steps=0)
+    saved, key, fresh = _saved_and_fresh(name)
 
     def zero_the_moment(optimizer, state_dict):  # returns a new state dict, as torch allows
         state_dict = copy.deepcopy(state_dict)
@@ -128,10 +132,7 @@ def test_load_state_dict_pre_hook_edits_the_loaded_state(name):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_load_state_dict_post_hook_sees_and_keeps_the_restored_state(name):
-    trained, _ = _train(name, 1e-2, steps=4)
-    saved = trained.state_dict()
-    key = "exp_avg" if name == "SOAP" else "momentum_buffer"
-    fresh, _ = _train(name, 1e-2, steps=0)
+    saved, key, fresh = _saved_and_fresh(name)
     seen = {}
 
     def post_hook(optimizer):
