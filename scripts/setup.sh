@@ -38,8 +38,9 @@ if [[ "${SO_OPTAX_REINSTALL:-0}" != 1 && -f "$stamp" && "$(cat "$stamp")" == "$s
   exit 0
 fi
 echo "so-optax setup: installing into $("$PY" -c 'import sys; print(sys.prefix)')"
-"$PY" -m pip install -q "$TORCH"
-"$PY" -m pip install -q -e ".[dev]"
+# --no-compile: Python byte-compiles what is imported when it is first imported (not all of torch's sources)
+"$PY" -m pip install -q --no-compile "$TORCH"
+"$PY" -m pip install -q --no-compile -e ".[dev]"
 report=$(versions)
 echo "$stamp_key" > "$stamp"
 echo "so-optax setup: $report"
