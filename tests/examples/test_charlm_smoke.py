@@ -229,3 +229,21 @@ def test_study_combines_the_improving_factors():
     assert (lower.lr, higher.lr) == (2.4e-4, 3.75e-4) and lower.with_(lr=3e-4) == combo
     assert combo.get("sophia_betas") == (0.9, 0.95) and combo.get("sophia_eps") == 1e-4
     assert combo.get("sophia_hessian_bias_correction") is False and combo.get("warmup_frac") == 0.1
+
+
+def test_the_default_recipes_are_the_studys_best_cells():
+    """The judged command (``--full --frameworks jax --optimizers adamw,sophia-g,sophia-h --lr-grid 1 --base-lr
+    adamw=6e-3``) trains Sophia-G / Sophia-H with exactly the settings of the recorded study cells the READMEs
+    quote, and those are the best seed-0, 600-step JAX cells of their estimator in the study's runs.json."""
+    from examples.charlm import study, study_plan
+    doc = json.loads((Path(study.__file__).parent / "results" / "study" / "runs.json").read_text())
+    args = compare.parse_args(["--full", "--frameworks", "jax", "--optimizers", "adamw,sophia-g,sophia-h",
+                               "--lr-grid", "1", "--base-lr", "adamw=6e-3"])
+    corpus = data.load_corpus()
+    _, _, per_optimizer, _ = compare.build_configs(args, corpus)
+    for opt in ("sophia-g", "sophia-h"):
+        runs = [r for r in doc["runs"] if r["cell"]["optimizer"] == opt and r["cell"]["seed"] == 0
+                and r["cell"]["steps"] == 600 and r["cell"]["framework"] == "jax"]
+        best = study_plan.Cell.from_dict(min(runs, key=lambda r: r["result"]["final_eval"])["cell"])
+        assert (best.lr, study.train_config(best)) == (args.base_lrs[opt] * args.lr_grid[0], per_optimizer[opt]), opt
+    assert study.train_config(study_plan.Cell.make("adamw", 6e-3)) == per_optimizer["adamw"]
