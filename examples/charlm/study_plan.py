@@ -256,12 +256,13 @@ def finalists(runs) -> list[Cell]:
 
 def seeds(runs) -> list[Cell]:
     """Two more seeds (data order, initial weights, Sophia's sampling) of the best Sophia-G cell and of AdamW at
-    the example's default (lr 6e-3, warm-up 10 %: the judged comparison's reference), and one of the Sophia-G
-    runner-up (4.7e-4 with warm-up 30 %, the best when the seeds started). Sophia-H, Signum and AdamW's own best
-    (warm-up 30 %) got no extra seeds: the session ended first."""
+    the example's default (lr 6e-3, warm-up 10 %: the judged comparison's reference), one of the Sophia-G
+    runner-up (4.7e-4 with warm-up 30 %, the best when the seeds started) and one of the best Sophia-H cell.
+    Signum and AdamW's own best (longer warm-ups) got no extra seeds: the session ended first."""
     (g,) = best(runs, SOPHIA_PHASES["sophia-g"], "sophia-g")
+    (h,) = best(runs, SOPHIA_PHASES["sophia-h"], "sophia-h")
     return ([g.with_(seed=s) for s in (1, 2)] + [g.with_(lr=4.7e-4, warmup_frac=0.3, seed=1)]
-            + [Cell.make("adamw", 6e-3, seed=s) for s in (1, 2)])
+            + [Cell.make("adamw", 6e-3, seed=s) for s in (1, 2)] + [h.with_(seed=1)])
 
 
 def default_200(runs) -> list[Cell]:
