@@ -27,6 +27,8 @@ import torch.nn.functional as F
 __all__ = [
     "sample_labels",
     "sampled_label_loss",
+    "sampled_label_gradients",
+    "backward_sampled_label_loss",
     "gnb_hessian_diagonal",
     "draw_probes",
     "hessian_vector_product",
@@ -94,6 +96,58 @@ def sampled_label_loss(
     return loss, count
 
 
+def sampled_label_gradients(
+    logits: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    weight: float = 1.0,
+) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """``ĝ = ∇ weight · mean CE(logits, labels)`` for all ``params`` in one autograd call (``None`` where the
+    loss does not reach a parameter), and the number ``N`` of positions averaged over (a 0-d tensor).
+
+    The graph behind ``logits`` is released by the call (no ``retain_graph``).
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+        raise ValueError(
+            "Invalid logits: the Gauss-Newton-Bartlett estimate needs the model's logits with their "
+            "autograd graph (computed with grad enabled, not detached)"
+        )
+    with torch.enable_grad():
+        loss, count = sampled_label_loss(logits, labels, mask)
+        if weight != 1.0:
+            loss = loss * weight
+        try:
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        except RuntimeError as err:
+            raise _explained(err) from err
+    return list(grads), count
+
+
+def backward_sampled_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                weight: float = 1.0) -> None:
+    """``(weight · mean CE(logits, labels)).backward()``: the gradient accumulates in the leaves' ``.grad``
+    (for FSDP2, whose reduce-scatter happens in its backward hooks)."""
+    with torch.enable_grad():
+        loss, _ = sampled_label_loss(logits, labels, mask)
+        try:
+            (loss * weight).backward()
+        except RuntimeError as err:
+            raise _explained(err) from err
+
+
+def _explained(err: RuntimeError) -> RuntimeError:
+    if not _is_freed_graph_error(err):
+        return err
+    return RuntimeError(
+        "Sophia (gnb): the autograd graph behind `logits` was already freed. Call "
+        "loss.backward(retain_graph=True) before optimizer.step(logits=logits) (or "
+        "retain_graph=optimizer.refreshes_next_step(), True before this step) so that the "
+        "Gauss-Newton-Bartlett estimate can backpropagate through the logits a second time."
+    )
+
+
 def gnb_hessian_diagonal(
     logits: torch.Tensor,
     params: Sequence[torch.Tensor],
@@ -105,8 +159,8 @@ def gnb_hessian_diagonal(
     """Gauss-Newton-Bartlett estimate ``ĥ = ĝ ⊙ ĝ`` (or ``N · ĝ ⊙ ĝ``) for all ``params`` at once.
 
     ``ĝ`` is the gradient of :func:`sampled_label_loss` with respect to every parameter, taken with a
-    single ``torch.autograd.grad`` call. The graph behind ``logits`` is released by that call (no
-    ``retain_graph``), so nothing stays alive after the estimate.
+    single ``torch.autograd.grad`` call (:func:`sampled_label_gradients`). The graph behind ``logits`` is
+    released by that call (no ``retain_graph``), so nothing stays alive after the estimate.
 
     Args:
       logits: ``(..., C)`` model output with its autograd graph.
@@ -118,25 +172,8 @@ def gnb_hessian_diagonal(
     Returns:
       One tensor per parameter; parameters that do not influence ``logits`` get zeros.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
-        raise ValueError(
-            "Invalid logits: the Gauss-Newton-Bartlett estimate needs the model's logits with their "
-            "autograd graph (computed with grad enabled, not detached)"
-        )
     params = list(params)
-    with torch.enable_grad():
-        loss, count = sampled_label_loss(logits, labels, mask)
-        try:
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        except RuntimeError as err:
-            if _is_freed_graph_error(err):
-                raise RuntimeError(
-                    "Sophia (gnb): the autograd graph behind `logits` was already freed. Call "
-                    "loss.backward(retain_graph=True) before optimizer.step(logits=logits) (or "
-                    "retain_graph=optimizer.refreshes_next_step(), True before this step) so that the "
-                    "Gauss-Newton-Bartlett estimate can backpropagate through the logits a second time."
-                ) from err
-            raise
+    grads, count = sampled_label_gradients(logits, params, labels, mask)
     out = []
     for p, g in zip(params, grads):
         if g is None:

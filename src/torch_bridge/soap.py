@@ -17,6 +17,9 @@ from torch.optim import Optimizer
 from so_common import validation
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 
+from ._balance import decomposition_cost
+from ._checkpoint import is_state_template_step
+from ._distributed import Distribution
 from ._linalg import (
     compute_dtype,
     eigh_descending,
@@ -26,6 +29,7 @@ from ._linalg import (
     update_factors,
 )
 from ._params import add_checked_param_group
+from ._soap_distributed import soap_distributor
 
 __all__ = ["SOAP"]
 
@@ -175,7 +179,10 @@ class SOAP(Optimizer):
         normalize_grads: bool = False,
         data_format: str = "channels_first",
         correct_bias: bool = True,
+        *,
+        process_group: Any = None,
     ):
+        self._distribution = Distribution("torch_bridge.SOAP", process_group)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -192,17 +199,35 @@ class SOAP(Optimizer):
         )
         _validate(defaults)
         super().__init__(params, defaults)
+        self._distributor = soap_distributor(self._distribution, _group_layout)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group; its hyperparameters are validated like the constructor's, and its
-        parameters must be real. An invalid group is not added."""
+        parameters must be real and laid out like the others (all FSDP2 DTensors on one mesh, or none).
+        An invalid group is not added."""
         add_checked_param_group(self, param_group, super().add_param_group, _validate, "torch_bridge.SOAP")
+        try:
+            self._distribution.add(self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in _DEFAULTS.items():
                 group.setdefault(key, value)
+        if "_distributor" not in self.__dict__:  # unpickled: a process group does not pickle
+            self._distribution = Distribution("torch_bridge.SOAP")
+            for group in self.param_groups:
+                self._distribution.add(group["params"])
+            self._distributor = soap_distributor(self._distribution, _group_layout)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as ``torch.optim.Optimizer.state_dict`` gives it; under FSDP2 (a collective call) each
+        owner-held tensor of the state is given as a ``DTensor`` sharded along dim 0 on the parameters' mesh,
+        so that ``torch.distributed.checkpoint`` saves it in pieces and reshards it to any world size."""
+        return self._distributor.export_state(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping the state's own dtypes; a checkpoint of the seed's SOAP loads too.
@@ -213,6 +238,7 @@ class SOAP(Optimizer):
         the seed implementation (an ``int`` step) is converted to this class's layout; options its param
         groups do not hold (the seed's ``data_format``) keep the values this optimizer was built with.
         """
+        state_dict = self._distributor.import_state(self, state_dict)  # FSDP2: DTensor state to its owners
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         # An option the checkpoint lacks keeps this optimizer's value (the seed holds data_format outside
@@ -247,38 +273,55 @@ class SOAP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        template = is_state_template_step(self, closure)
+        self._distributor.begin_step(self, template)
         for group in self.param_groups:
-            self._step_group(group)
+            if template:
+                self._blank_group(group)
+            else:
+                self._step_group(group)
         return loss
+
+    @property
+    def communication(self) -> dict[str, int]:
+        """What this rank has communicated since the optimizer was built (``bytes_sent``, ``bytes_received``,
+        ``collectives``); zeros in one process or without ``process_group``."""
+        return self._distributor.stats
 
     # ----------------------------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        distributor = self._distributor
 
         with_grad = [p for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in with_grad):
             raise RuntimeError("SOAP does not support sparse gradients; use dense gradients "
                                "(e.g. nn.Embedding(sparse=False))")
-        params, grads, layouts = [], [], []
-        for p in with_grad:
+        # ``stepping``: every parameter that takes a step; ``params``: those whose update this rank computes
+        # (all of them in one process), with their whole gradients in the work layout.
+        starting, stepping, params, grads, layouts = [], [], [], [], []
+        for p, grad in zip(with_grad, distributor.gradients(with_grad)):
             layout = _group_layout(p, group)
             state = self.state[p]
-            g = _to_work(p.grad, layout).to(compute_dtype(p.dtype))
-            if _Q not in state:
-                self._init_state(state, g, layout, shampoo_beta)
+            step = state.get(_STEP)
+            if step is None or int(step) < 0:
+                starting.append((p, grad, layout))
                 continue
-            params.append(p)
-            grads.append(g)
-            layouts.append(layout)
-        if not params:
+            stepping.append(p)
+            if grad is not None:
+                params.append(p)
+                grads.append(_to_work(grad, layout).to(compute_dtype(p.dtype)))
+                layouts.append(layout)
+        if starting:
+            self._init_states(starting, shampoo_beta)
+        if not stepping:
             return
 
         states = [self.state[p] for p in params]
         exp_avgs = [s[_EXP_AVG] for s in states]
         exp_avg_sqs = [s[_EXP_AVG_SQ] for s in states]
-        steps = [s[_STEP] for s in states]
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_([self.state[p][_STEP] for p in stepping], 1)
 
         # Adam's moments on the rotated gradient G' (work shape, eigenbasis).
         rotated = [project(g, s[_Q]) for g, s in zip(grads, states)]
@@ -293,58 +336,116 @@ class SOAP(Optimizer):
         torch._foreach_mul_(ratios, exp_avgs)
 
         lr = group["lr"]
+        step_sizes = {p: _step_size(group, int(self.state[p][_STEP])) for p in stepping}
         for p, s, ratio, layout in zip(params, states, ratios, layouts):
             direction = _from_work(project_back(ratio, s[_Q]), layout)
             if group["normalize_grads"]:
                 rms = torch.linalg.vector_norm(direction).div_(math.sqrt(max(direction.numel(), 1)))
                 direction = direction / rms.add_(1e-30)
-            step_size = lr
-            if group["correct_bias"]:
-                t = int(s[_STEP])
-                step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            p.add_(direction, alpha=-step_size)
+            distributor.update(p, direction, step_sizes[p])
         del ratios
+        distributor.finish_updates(stepping, list(step_sizes.values()))
         if group["weight_decay"] > 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            torch._foreach_mul_(distributor.local_params(stepping), 1.0 - lr * group["weight_decay"])
 
         # Factors from the raw gradient, then (every precondition_frequency steps) the basis refresh.
         frequency = group["precondition_frequency"]
+        due = []
         for g, s in zip(grads, states):
             update_factors(s[_GG], g, shampoo_beta)
             if int(s[_STEP]) % frequency == 0:
-                _refresh(s)
+                due.append(s)
+        _refresh(due, distributor)
 
-    @staticmethod
-    def _init_state(state: dict[str, Any], g: torch.Tensor, layout: SoapLayout, shampoo_beta: float) -> None:
-        """First call for a parameter: factors from ``g`` and their eigenbases; no update."""
-        empty = g.new_empty(0)
-        state[_STEP] = torch.tensor(0, dtype=torch.int64)
-        state[_EXP_AVG] = torch.zeros_like(g, memory_format=torch.contiguous_format)
-        state[_EXP_AVG_SQ] = torch.zeros_like(g, memory_format=torch.contiguous_format)
-        factors = [g.new_zeros(d, d) if on else empty for d, on in zip(layout.work_shape, layout.preconditioned)]
-        update_factors(factors, g, shampoo_beta)
-        state[_GG] = factors
-        state[_Q] = [eigh_descending(gg) if gg.numel() else empty for gg in factors]
+    def _init_states(self, starting: list[tuple], shampoo_beta: float) -> None:
+        """First call for these parameters: factors from the gradient and their eigenbases; no update.
+
+        A parameter whose update another rank computes (FSDP2) only starts its step count here.
+        """
+        built = []
+        for p, grad, layout in starting:
+            state = self.state[p]
+            state.clear()  # a blank checkpoint template's zeros
+            state[_STEP] = torch.tensor(0, dtype=torch.int64)
+            if grad is None:
+                continue
+            g = _to_work(grad, layout).to(compute_dtype(p.dtype))
+            state[_EXP_AVG] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+            state[_EXP_AVG_SQ] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+            factors = [g.new_zeros(d, d) if on else g.new_empty(0)
+                       for d, on in zip(layout.work_shape, layout.preconditioned)]
+            update_factors(factors, g, shampoo_beta)
+            state[_GG] = factors
+            built.append(state)
+        tasks = [(s, i) for s in built for i, gg in enumerate(s[_GG]) if gg.numel()]
+        bases = iter(self._distributor.share(
+            [decomposition_cost(s[_GG][i].shape[0]) for s, i in tasks],
+            lambda k: [eigh_descending(tasks[k][0][_GG][tasks[k][1]]).contiguous()],
+            lambda k: [(tuple(tasks[k][0][_GG][tasks[k][1]].shape), tasks[k][0][_GG][tasks[k][1]].dtype)],
+            tasks[0][0][_GG][tasks[0][1]].device if tasks else torch.device("cpu")))
+        for s in built:
+            s[_Q] = [next(bases)[0] if gg.numel() else gg for gg in s[_GG]]
+
+    def _blank_group(self, group: dict[str, Any]) -> None:
+        """The state ``torch.distributed.checkpoint`` asks for before loading (its zero-gradient, ``lr = 0``
+        step): every tensor of a first step's state, zero, with ``step = -1`` so that the next real step is
+        still a first step. Nothing is computed and no parameter changes."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            layout = _group_layout(p, group)
+            state = self.state[p]
+            state[_STEP] = torch.tensor(-1, dtype=torch.int64)
+            if not self._distributor.owns(p):
+                continue
+            dtype, device = compute_dtype(p.dtype), p.device
+            state[_EXP_AVG] = torch.zeros(layout.work_shape, dtype=dtype, device=device)
+            state[_EXP_AVG_SQ] = torch.zeros(layout.work_shape, dtype=dtype, device=device)
+            state[_GG] = [torch.zeros(d, d, dtype=dtype, device=device) if on else torch.empty(0, dtype=dtype,
+                                                                                               device=device)
+                          for d, on in zip(layout.work_shape, layout.preconditioned)]
+            state[_Q] = [m.clone() for m in state[_GG]]
 
 
-def _refresh(state: dict[str, Any]) -> None:
-    """Power iteration + QR on every factor; ``exp_avg`` follows the new basis, ``exp_avg_sq`` the sort."""
-    bases = state[_Q]
-    if not any(q.numel() for q in bases):
+def _step_size(group: dict[str, Any], t: int) -> float:
+    """The learning rate times Adam's bias correction ``√(1-β₂ᵗ) / (1-β₁ᵗ)`` (if ``correct_bias``)."""
+    lr = group["lr"]
+    if not group["correct_bias"]:
+        return lr
+    beta1, beta2 = group["betas"]
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def _refresh(states: list[dict[str, Any]], distributor: Any) -> None:
+    """Power iteration + QR on every factor of ``states``; ``exp_avg`` follows the new bases, ``exp_avg_sq``
+    the sort. The decompositions run where ``distributor`` puts them (all here in one process)."""
+    states = [s for s in states if any(q.numel() for q in s[_Q])]
+    tasks = [(s, dim) for s in states for dim, gg in enumerate(s[_GG]) if gg.numel()]
+    if not tasks:
         return
-    exp_avg = project_back(state[_EXP_AVG], bases)
-    exp_avg_sq = state[_EXP_AVG_SQ]
-    new_bases = []
-    for dim, (gg, q) in enumerate(zip(state[_GG], bases)):
-        if not gg.numel():
+    results = iter(distributor.share(
+        [decomposition_cost(s[_GG][dim].shape[0]) for s, dim in tasks],
+        lambda k: [t.contiguous() for t in refresh_basis(tasks[k][0][_GG][tasks[k][1]], tasks[k][0][_Q][tasks[k][1]])],
+        lambda k: _refresh_like(tasks[k][0][_GG][tasks[k][1]]),
+        tasks[0][0][_GG][tasks[0][1]].device if tasks else torch.device("cpu")))
+    for state in states:
+        bases = state[_Q]
+        exp_avg = project_back(state[_EXP_AVG], bases)
+        exp_avg_sq = state[_EXP_AVG_SQ]
+        new_bases = []
+        for dim, (gg, q) in enumerate(zip(state[_GG], bases)):
+            if gg.numel():
+                q, order = next(results)
+                exp_avg_sq = exp_avg_sq.index_select(dim, order)
             new_bases.append(q)
-            continue
-        q, order = refresh_basis(gg, q)
-        exp_avg_sq = exp_avg_sq.index_select(dim, order)
-        new_bases.append(q)
-    state[_Q] = new_bases
-    state[_EXP_AVG_SQ] = exp_avg_sq
-    state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
+        state[_Q] = new_bases
+        state[_EXP_AVG_SQ] = exp_avg_sq
+        state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
+
+
+def _refresh_like(gg: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """What :func:`~torch_bridge._linalg.refresh_basis` of ``gg`` returns: a basis and a sort order."""
+    return [(tuple(gg.shape), gg.dtype), ((gg.shape[0],), torch.int64)]
 
 
 def _from_seed_state(state: dict[str, Any], layout: SoapLayout, dtype: torch.dtype) -> dict[str, Any]:
