@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu MPLBACKEND=Agg
-exec python3 -m pytest -n 2 -q tests notebooks --nbmake "$@"
+exec python3 -m pytest -n 2 --dist loadgroup -q tests notebooks --nbmake "$@"

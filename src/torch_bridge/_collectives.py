@@ -76,7 +76,9 @@ class Collectives:
             return
         descriptions: list[object] = [None] * self.world
         dist.all_gather_object(descriptions, describe(), group=self.group)
-        raise ValueError(f"{what}: the ranks of the process group disagree; {_first_difference(descriptions)}")
+        raise ValueError(
+            f"{what}: the ranks of the process group disagree: {_first_difference(descriptions)}. Every rank must "
+            "build the optimizer over the same parameters (in the same order) and call step() at the same steps")
 
     def _wait(self, work: dist.Work, what: str) -> None:
         try:
@@ -248,15 +250,14 @@ def _flat(send: list[list[torch.Tensor]], like: torch.Tensor) -> list[torch.Tens
 
 
 def _first_difference(descriptions: list[object]) -> str:
-    """Names the first entry where some rank's description differs from rank 0's."""
-    first = descriptions[0]
+    """Names the first line where some rank's description (a list of lines) differs from rank 0's."""
+    first = list(descriptions[0])
     for rank, other in enumerate(descriptions[1:], start=1):
-        if other == first:
-            continue
-        if isinstance(first, (list, tuple)) and isinstance(other, (list, tuple)):
-            for i, (a, b) in enumerate(zip(first, other)):
-                if a != b:
-                    return f"item {i}: rank 0 has {a}, rank {rank} has {b}"
-            return f"rank 0 has {len(first)} items, rank {rank} has {len(other)}"
-        return f"rank 0 has {first}, rank {rank} has {other}"
+        other = list(other)
+        for a, b in zip(first, other):
+            if a != b:
+                return f"rank 0 has {a!r}, rank {rank} has {b!r}"
+        if len(first) != len(other):
+            longer, owner = (first, 0) if len(first) > len(other) else (other, rank)
+            return f"only rank {owner} has {longer[min(len(first), len(other))]!r}"
     return "the descriptions agree, but their digests do not"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ._collectives import Collectives, digest
 
-__all__ = ["Distribution", "StepGuard", "chunk_rows", "is_dtensor", "local"]
+__all__ = ["Distribution", "StepGuard", "chunk_rows", "describe_params", "is_dtensor", "local", "structure_key"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Shard
@@ -65,6 +65,7 @@ class Distribution:
         self.mesh = None
         self.comm: Collectives | None = None
         self._seen = 0
+        self._rows: dict[torch.Tensor, tuple[int, ...]] = {}
         if process_group is not None:
             _check_member(name, process_group)
 
@@ -116,14 +117,18 @@ class Distribution:
     # ------------------------------------------------------------------------------------ per tensor
     def rows(self, p: torch.Tensor) -> tuple[int, ...]:
         """The dim-0 rows of parameter ``p`` on each rank (all of them on every rank unless sharded)."""
+        rows = self._rows.get(p)
+        if rows is not None:
+            return rows
         d0 = p.shape[0] if p.dim() else 1
         if self.kind != "sharded":
             return (d0,) * self.world
         rows = chunk_rows(d0, self.world)
-        if p.dim() and local(p).shape[0] != rows[self.rank]:
+        if local(p).shape[0] != rows[self.rank]:
             raise ValueError(
                 f"Invalid params: {self.name} expects FSDP2's even dim-0 sharding (rows {rows}); a parameter of "
                 f"shape {tuple(p.shape)} has {local(p).shape[0]} rows on rank {self.rank}")
+        self._rows[p] = rows
         return rows
 
     def offset(self, p: torch.Tensor) -> int:
@@ -134,28 +139,50 @@ class Distribution:
 class StepGuard:
     """Checks, before a step communicates, that all ranks hold the same parameters in the same state.
 
-    ``check(items, communicates)`` takes this rank's description of the step (a list of hashable items:
-    per parameter its shape, dtype, whether it has a gradient, its step count) and compares its digest
-    across the ranks -- on the first step, whenever the description's structure changes here, and on
-    every step that communicates. A step that does not communicate and looks as before skips the check,
-    so a regular step costs nothing; if ranks disagree about whether a step communicates, the one that
-    checks reports it (at the latest after the process group's timeout) instead of waiting for ever.
+    ``check(key, describe, communicates)``: ``describe()`` lists this rank's view of the step, one line per
+    parameter group and per parameter (its shape, dtype, whether it has a gradient, its step count), and
+    its digest is compared across the ranks -- on the first step, whenever ``key()`` (the structure, cheap
+    to build) changes here, and on every step that communicates. A step that does not communicate and looks
+    as before skips the check, so a regular step costs nothing; if ranks disagree about whether a step
+    communicates, the one that checks reports it (at the latest after the process group's timeout) instead
+    of waiting for ever.
     """
 
     def __init__(self, distribution: Distribution):
         self.distribution = distribution
-        self._structure: int | None = None
+        self._key: int | None = None
 
-    def check(self, items: Callable[[], list], structure: Callable[[], list], communicates: bool) -> None:
+    def check(self, key: Callable[[], Any], describe: Callable[[], list[str]], communicates: bool) -> None:
         comm = self.distribution.comm
         if comm is None:
             return
-        shape = digest(structure())
-        if not communicates and shape == self._structure:
+        current = hash(key())
+        if not communicates and current == self._key:
             return
-        described = items()
-        comm.check_agreement(digest(described), lambda: described, f"{self.distribution.name}.step")
-        self._structure = shape
+        lines = describe()
+        comm.check_agreement(digest(lines), lambda: lines, f"{self.distribution.name}.step")
+        self._key = current
+
+
+def describe_params(groups: Sequence[dict], options: Sequence[str], state: dict, extra: Callable | None = None
+                    ) -> list[str]:
+    """One line per parameter group (its ``options``) and per parameter (shape, dtype, gradient, step count);
+    ``extra(p)`` adds to a parameter's line."""
+    lines = []
+    for i, group in enumerate(groups):
+        lines.append(f"param group {i}: " + ", ".join(f"{k}={group[k]!r}" for k in options))
+        for j, p in enumerate(group["params"]):
+            step = state.get(p, {}).get("step")
+            line = (f"param group {i}, parameter {j}: shape {tuple(p.shape)}, {p.dtype}, "
+                    f"{'a' if p.grad is not None else 'no'} gradient, step {-1 if step is None else int(step)}")
+            lines.append(line + (extra(p) if extra is not None else ""))
+    return lines
+
+
+def structure_key(groups: Sequence[dict], options: Sequence[str]) -> tuple:
+    """What :func:`describe_params` describes, but the step counts (for :class:`StepGuard`'s change test)."""
+    return tuple((tuple(group[k] for k in options),
+                  tuple((tuple(p.shape), p.dtype, p.grad is not None) for p in group["params"])) for group in groups)
 
 
 def _check_member(name: str, group: Any) -> None:

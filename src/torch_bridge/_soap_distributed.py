@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ._balance import assign, soap_cost
-from ._distributed import Distribution, StepGuard, local
+from ._distributed import Distribution, StepGuard, describe_params, local, structure_key
 from ._linalg import compute_dtype
 
 __all__ = ["soap_distributor", "SoapDistributor", "ReplicatedSoap", "OwnerSoap"]
@@ -54,16 +54,15 @@ class SoapDistributor:
             return
         self.assign(optimizer)
         groups = optimizer.param_groups
+        self.guard.check(
+            lambda: (template, structure_key(groups, _PLAN_OPTIONS)),
+            lambda: [f"checkpoint template step: {template}"]
+            + describe_params(groups, _PLAN_OPTIONS, optimizer.state) + self.fingerprint(optimizer),
+            template or self.communicates(optimizer))
 
-        def structure() -> list:
-            return [(i, *(g[k] for k in _PLAN_OPTIONS), template,
-                     [(tuple(p.shape), str(p.dtype), p.grad is not None) for p in g["params"]])
-                    for i, g in enumerate(groups)]
-
-        def items() -> list:
-            return structure() + [[_step_of(optimizer.state.get(p)) for p in g["params"]] for g in groups]
-
-        self.guard.check(items, structure, template or self.communicates(optimizer))
+    def fingerprint(self, optimizer: Any) -> list[str]:
+        """What else the ranks must agree on (nothing here)."""
+        return []
 
     def communicates(self, optimizer: Any) -> bool:
         return True
@@ -113,6 +112,13 @@ class ReplicatedSoap(SoapDistributor):
                 if step < 0 or (step + 1) % group["precondition_frequency"] == 0:
                     return True
         return False
+
+    def fingerprint(self, optimizer: Any) -> list[str]:
+        """The sum of each gradient: the ranks' gradients must be identical (all-reduced by DDP), or each rank
+        would mix its own moments with bases computed from another rank's factors."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        sums = torch.stack([g.sum(dtype=torch.float64) for g in grads]).tolist() if grads else []
+        return [f"gradient sums (identical gradients on every rank, as DDP makes them): {sums!r}"]
 
     def share(self, costs: Sequence[float], run: Callable[[int], list[torch.Tensor]],
               like: Callable[[int], Like], device: torch.device) -> list[list[torch.Tensor]]:

@@ -24,12 +24,14 @@ Without FSDP2 or ``process_group`` everything is local, as in one process.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ._distributed import Distribution, StepGuard, local
+from ._distributed import Distribution, StepGuard, describe_params, local, structure_key
 from ._hessian_estimators import (
     backward_sampled_label_loss,
     draw_probes,
@@ -46,6 +48,19 @@ class SophiaDistributor:
     def __init__(self, distribution: Distribution):
         self.distribution = distribution
         self.guard = StepGuard(distribution)
+        self._warned = False
+
+    def warn_if_alone(self) -> None:
+        """Warns once when processes run together but this optimizer was given no ``process_group``."""
+        if self._warned or self.distributed or not dist.is_available() or not dist.is_initialized():
+            return
+        if dist.get_world_size() > 1:
+            warnings.warn(
+                f"torch.distributed runs {dist.get_world_size()} processes but torch_bridge.Sophia got regular "
+                "parameters and no process_group: its Hessian estimates (and a closure's gradients) are of this "
+                "process's batch alone. Under DDP pass process_group=torch.distributed.group.WORLD.",
+                stacklevel=4)
+        self._warned = True
 
     @property
     def distributed(self) -> bool:
@@ -57,22 +72,15 @@ class SophiaDistributor:
         return comm.stats.as_dict() if comm is not None else {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     # ---------------------------------------------------------------------------------------- checks
-    def begin_step(self, optimizer: Any, communicates: bool, template: bool = False) -> None:
+    def begin_step(self, optimizer: Any, communicates: Callable[[], bool], template: bool = False) -> None:
+        """Checks that the ranks agree on this step (:class:`StepGuard`) if it communicates (``communicates()``)."""
         if not self.distributed:
             return
-        groups = optimizer.param_groups
-
-        def structure() -> list:
-            return [(i, g["hessian_computation_type"], g["k"], template,
-                     [(tuple(p.shape), str(p.dtype), p.grad is not None, p.requires_grad) for p in g["params"]])
-                    for i, g in enumerate(groups)]
-
-        def items() -> list:
-            steps = [[int(optimizer.state[p]["step"]) if "step" in optimizer.state.get(p, {}) else -1
-                      for p in g["params"]] for g in groups]
-            return structure() + steps
-
-        self.guard.check(items, structure, communicates or template)
+        groups, options = optimizer.param_groups, ("hessian_computation_type", "k")
+        self.guard.check(lambda: (template, structure_key(groups, options)),
+                         lambda: [f"checkpoint template step: {template}"]
+                         + describe_params(groups, options, optimizer.state),
+                         template or communicates())
 
     # ---------------------------------------------------------------------------------------- randomness
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -125,6 +133,7 @@ class SophiaDistributor:
         """``ĝ`` (local rows) of every parameter in ``params`` and the number ``N`` of label positions of the
         whole batch. ``everything``: all the optimizer's parameters (FSDP2's backward reaches them all)."""
         if not self.distributed:
+            self.warn_if_alone()
             return sampled_label_gradients(logits, params, labels, mask)
         comm = self.distribution.comm
         n_local = _positions(logits, mask)
@@ -143,6 +152,7 @@ class SophiaDistributor:
         """The gradient (local rows) of every parameter of ``params`` that the loss reaches, and for each of
         ``refresh`` it reaches ``(p, v, H v)`` (local rows), ``v = draw(...)`` of the whole parameters."""
         kind = self.distribution.kind
+        self.warn_if_alone()
         if kind == "sharded" and not refresh:
             grads = _fsdp_backward(loss.backward, params, params)
             return {p: g for p, g in zip(params, grads) if g is not None}, []

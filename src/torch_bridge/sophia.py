@@ -340,7 +340,7 @@ class Sophia(Optimizer):
           The closure's loss, or ``None`` without a closure.
         """
         if is_state_template_step(self, closure, logits):  # torch.distributed.checkpoint asks for a state
-            self._dist.begin_step(self, communicates=False, template=True)
+            self._dist.begin_step(self, communicates=lambda: False, template=True)
             for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
                 self._init_state(p)
             return None
@@ -350,7 +350,7 @@ class Sophia(Optimizer):
         closure_grads: dict[torch.Tensor, torch.Tensor] | None = None
         estimates: dict[torch.Tensor, torch.Tensor] = {}
         uses_closure = closure is not None and any(p.requires_grad for g in hutch_groups for p in g["params"])
-        self._dist.begin_step(self, communicates=uses_closure or self._gnb_refresh_due())
+        self._dist.begin_step(self, communicates=lambda: uses_closure or self._gnb_refresh_due())
 
         # --- gradients (and the Hutchinson estimate) from a loss-returning closure
         if uses_closure:

@@ -119,21 +119,23 @@ def run_pair(model, reference, make_opt: Callable, batches, rank, world, train_s
 
 
 # ------------------------------------------------------------------------------------------------ SOAP
-def fsdp_soap_whole_batch(rank: int, world: int) -> dict[str, dict[str, float]]:
-    """FSDP2 SOAP against one process on the whole batch, square (full-rank) layers; three option sets."""
+SOAP_WHOLE_BATCH = {
+    "default": dict(lr=0.02, precondition_frequency=3),
+    "wd-normalize": dict(lr=0.01, precondition_frequency=4, weight_decay=0.1, normalize_grads=True, betas=(0.9, 0.99)),
+    "no-bias-correction": dict(lr=0.01, precondition_frequency=2, correct_bias=False, shampoo_beta=0.8),
+}
+
+
+def soap_whole_batch(rank: int, world: int, labels: list[str]) -> dict[str, dict[str, float]]:
+    """FSDP2 SOAP against one process on the whole batch (square, full-rank layers), per option set."""
     results = {}
     dims = [5, 5, 5]
     batches = data(STEPS, dims[0], dims[-1])
-    for label, options in {
-        "default": dict(lr=0.02, precondition_frequency=3),
-        "wd-normalize": dict(lr=0.01, precondition_frequency=4, weight_decay=0.1, normalize_grads=True,
-                             betas=(0.9, 0.99)),
-        "no-bias-correction": dict(lr=0.01, precondition_frequency=2, correct_bias=False, shampoo_beta=0.8),
-    }.items():
+    for label in labels:
         reference = Net(dims)
         model = shard(copy.deepcopy(reference), world)
 
-        def make_opt(m, local=False, options=options):
+        def make_opt(m, local=False, options=SOAP_WHOLE_BATCH[label]):
             return SOAP(m.parameters(), **options)
 
         results[label] = run_pair(model, reference, make_opt, batches, rank, world)
@@ -173,35 +175,37 @@ def random_grads(shapes: dict, step: int, seed: int = 7) -> dict[str, torch.Tens
     return {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
 
 
-def ddp_soap_refresh_split(rank: int, world: int) -> dict:
-    """SOAP with ``process_group`` against the redundant run on the same (all-reduced) gradients: the
-    parameters must be bit-identical; the eigh / QR calls of each rank per step are counted."""
+SOAP_ANY_SHAPE = {
+    "plain": dict(lr=0.02, precondition_frequency=3),
+    "merge-1d-normalize": dict(lr=0.01, precondition_frequency=4, merge_dims=True, max_precond_dim=8,
+                               precondition_1d=True, normalize_grads=True, weight_decay=0.05,
+                               data_format="channels_last"),
+}
+
+
+def soap_ddp_split(rank: int, world: int, labels: list[str], steps: int = 13) -> dict:
+    """SOAP with ``process_group`` against the redundant run on the same (identical) gradients: the parameters
+    must be bit-identical; each rank's eigh / QR calls per step are counted beside the redundant run's."""
     out = {}
-    for label, options in {
-        "plain": dict(lr=0.02, precondition_frequency=3),
-        "merge-1d": dict(lr=0.01, precondition_frequency=4, merge_dims=True, max_precond_dim=12,
-                         precondition_1d=True, weight_decay=0.05),
-    }.items():
+    for label in labels:
         init = random_grads(SHAPES, -1)
         ours = {k: v.clone().requires_grad_() for k, v in init.items()}
         redundant = {k: v.clone().requires_grad_() for k, v in init.items()}
-        opt = SOAP(list(ours.values()), process_group=dist.group.WORLD, **options)
-        ref = SOAP(list(redundant.values()), **options)
-        counts, factors, diff = [], [], 0.0
-        for t in range(13):
+        opt = SOAP(list(ours.values()), process_group=dist.group.WORLD, **SOAP_ANY_SHAPE[label])
+        ref = SOAP(list(redundant.values()), **SOAP_ANY_SHAPE[label])
+        counts, totals, diff = [], [], 0.0
+        for t in range(steps):
             grads = random_grads(SHAPES, t)
             for p, q, g in zip(ours.values(), redundant.values(), grads.values()):
                 p.grad, q.grad = g.clone(), g.clone()
-            with Counter() as c:
+            with Counter() as mine:
                 opt.step()
-            counts.append(c.counts["eigh"] + c.counts["qr"])
-            ref.step()
+            with Counter() as everything:
+                ref.step()
+            counts.append(sum(mine.counts.values()))
+            totals.append(sum(everything.counts.values()))
             diff = max(diff, max(float((p - q).abs().max()) for p, q in zip(ours.values(), redundant.values())))
-            factors.append(sum(gg.numel() > 0 for s in ref.state.values() for gg in s["GG"])
-                           if (t == 0 or int(next(iter(ref.state.values()))["step"]) % options["precondition_frequency"] == 0)
-                           else 0)
-        out[label] = {"max_abs_diff": diff, "counts": counts, "factors": factors,
-                      "bytes": opt.communication}
+        out[label] = {"max_abs_diff": diff, "counts": counts, "totals": totals, "bytes": opt.communication}
     return out
 
 
@@ -221,9 +225,11 @@ class InjectedSophia(Sophia):
 
 
 CLASSES = 3
+# Large clipping thresholds: most coordinates' updates are not clipped, so that they depend on the estimate.
 SOPHIA_OPTIONS = {
-    "seed": dict(lr=0.05, rho=0.03, k=3, weight_decay=0.01),
-    "paper": dict(lr=0.02, k=3, form="paper", gamma=0.05, eps=1e-10, weight_decay=0.1, bias_correction=True),
+    "seed": dict(lr=0.005, rho=2.0, k=3, weight_decay=0.01, betas=(0.9, 0.9)),
+    "paper": dict(lr=0.02, k=3, form="paper", gamma=5.0, eps=1e-10, weight_decay=0.1, bias_correction=True,
+                  betas=(0.9, 0.9)),
 }
 
 
@@ -264,37 +270,71 @@ def sophia_step(pattern: str, model, opt, batch, rank: int, world: int, k: int) 
         opt.zero_grad()
 
 
-def sophia_patterns(rank: int, world: int, layout: str, steps: int = 24) -> dict:
-    """Every Sophia pattern (and form) distributed (``layout`` 'fsdp' or 'ddp') against one process on the
-    whole batch, with the same injected labels and probes."""
+ESTIMATOR = {"logits": "gnb", "closure": "hutchinson", "manual": "manual"}
+
+
+def sophia_patterns(rank: int, world: int, layout: str, runs: list[str], steps: int = 18) -> dict:
+    """Sophia patterns distributed (``layout`` 'fsdp' or 'ddp') against one process on the whole batch, with
+    the same injected labels and probes; ``runs``: '<pattern>-<form>' (patterns 'logits', 'closure',
+    'manual'; forms 'seed', 'paper')."""
     from torch.nn.parallel import DistributedDataParallel
 
     dims = [5, 7, CLASSES]
     results = {}
-    for pattern, estimator in (("logits", "gnb"), ("closure", "hutchinson"), ("manual", "manual")):
-        for form, options in SOPHIA_OPTIONS.items():
-            reference = Net(dims)
-            names = {name: p.shape for name, p in reference.named_parameters()}
-            batches = sophia_data(steps, dims[0], names)
-            if layout == "fsdp":
-                model = shard(copy.deepcopy(reference), world)
-                extra = {}
-            else:
-                model = DistributedDataParallel(copy.deepcopy(reference))
-                extra = {"process_group": dist.group.WORLD}
-            opt = InjectedSophia(model.parameters(), hessian_computation_type=estimator, **options, **extra)
-            ref = InjectedSophia(reference.parameters(), hessian_computation_type=estimator, **options)
-            opt.names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
-            ref.names = {id(p): n for n, p in reference.named_parameters()}
-            total: dict[str, float] = {}
-            for batch in batches:
-                sophia_step(pattern, model, opt, batch, rank, world, options["k"])
-                sophia_step(pattern, reference, ref, batch, 0, 1, options["k"])
-                merge_worst(total, worst(model.module if layout == "ddp" else model, reference))
-            moved = max(rel(p.detach(), q) for p, q in zip(reference.parameters(), Net(dims).parameters()))
-            results[f"{pattern}-{form}"] = {"worst": max(total.values()), "moved": moved,
-                                            "bytes": opt.communication}
+    for run in runs:
+        pattern, form = run.split("-")
+        estimator, options = ESTIMATOR[pattern], SOPHIA_OPTIONS[form]
+        reference = Net(dims)
+        names = {name: p.shape for name, p in reference.named_parameters()}
+        batches = sophia_data(steps, dims[0], names)
+        if layout == "fsdp":
+            model = shard(copy.deepcopy(reference), world)
+            extra = {}
+        else:
+            model = DistributedDataParallel(copy.deepcopy(reference))
+            extra = {"process_group": dist.group.WORLD}
+        opt = InjectedSophia(model.parameters(), hessian_computation_type=estimator, **options, **extra)
+        ref = InjectedSophia(reference.parameters(), hessian_computation_type=estimator, **options)
+        opt.names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+        ref.names = {id(p): n for n, p in reference.named_parameters()}
+        total: dict[str, float] = {}
+        for batch in batches:
+            sophia_step(pattern, model, opt, batch, rank, world, options["k"])
+            sophia_step(pattern, reference, ref, batch, 0, 1, options["k"])
+            merge_worst(total, worst(model.module if layout == "ddp" else model, reference))
+        moved = max(rel(p.detach(), q.detach()) for p, q in zip(reference.parameters(), Net(dims).parameters()))
+        results[run] = {"worst": max(total.values()), "moved": moved, "bytes": opt.communication,
+                        "unclipped": ref.win_rate}
     return results
+
+
+def sophia_default_randomness(rank: int, world: int) -> dict:
+    """Sophia's own labels and probes under FSDP2: the ranks' labels together, and every rank's probes, are
+    those one process draws for the whole batch from rank 0's generator state (inverse-CDF labels, the
+    one-process ``draw_probes``); rank 0's generator then continues as that process's would."""
+    from torch_bridge._hessian_estimators import draw_probes
+
+    model = shard(Net([5, 7, CLASSES]), world)
+    opt = Sophia(model.parameters())
+    logits = torch.randn(BATCH, 4, CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(100 + rank)  # the ranks' own streams differ; rank 0's decides
+    labels = opt._sample_labels(rows(rank, world, logits))
+    probes = opt._draw_probes(list(model.parameters()))
+    after = torch.rand(3)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, labels)
+    torch.manual_seed(100)
+    flat = logits.reshape(-1, CLASSES)
+    cdf = torch.softmax(flat, -1).cumsum(-1)
+    u = torch.rand(flat.shape[0], dtype=torch.float64)
+    expected_labels = torch.searchsorted(cdf, (u.unsqueeze(-1) * cdf[:, -1:])).squeeze(-1).reshape(BATCH, 4)
+    expected_probes = [draw_probes([p])[0] for p in model.parameters()]
+    expected_after = torch.rand(3)
+    return {"labels": torch.equal(torch.cat(gathered), expected_labels),
+            "probes": all(torch.equal(a, b) for a, b in zip(probes, expected_probes)),
+            "probe_shapes": [tuple(v.shape) for v in probes],
+            "continues": torch.equal(after, expected_after) if rank == 0 else None,
+            "label_counts": torch.bincount(torch.cat(gathered).reshape(-1), minlength=CLASSES).tolist()}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -313,7 +353,7 @@ class Case:
     """A model, an optimizer and their training step, for the checkpoint checks (``name``: 'soap', or
     'sophia-<pattern>' with pattern 'logits', 'closure' or 'manual')."""
 
-    def __init__(self, name: str, steps: int = STEPS):
+    def __init__(self, name: str, steps: int = 24):
         self.name = name
         if name == "soap":
             self.dims = [5, 5, 5]
@@ -399,3 +439,169 @@ def resume_one_process(case_name: str, directory: str, save_at: int = 12) -> lis
     opt.load_state_dict(saved["optim"])
     case.train(model, opt, case.batches[save_at:], 0, 1)
     return full_params(model)
+
+
+# ------------------------------------------------------------------------------------------------ any shape
+FSDP_SHAPES = {"square": (6, 6), "wide": (3, 8), "tall": (9, 2), "one_row": (1, 5), "vector": (7,), "single": (1,),
+               "cube": (3, 4, 5), "kernel": (4, 2, 2, 3)}
+
+
+class Holder(torch.nn.Module):
+    """The parameters of ``FSDP_SHAPES`` as a module (DCP's helpers name parameters through a module)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_parameter(name, torch.nn.Parameter(t))
+
+
+def soap_same_gradients(rank: int, world: int, labels: list[str], steps: int = 13) -> dict:
+    """FSDP2-sharded SOAP fed the same whole gradients as one process's SOAP: every shape (dim 0 not divisible
+    by the world size, 1-D, a rank with no rows, 3-D and 4-D with merged dims) must match bit for bit. The
+    sharded run also asks DCP for a state dict before its first step, which must change nothing."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _, helpers = _dcp_api()
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for label in labels:
+        options = SOAP_ANY_SHAPE[label]
+        init = random_grads(FSDP_SHAPES, -1)
+        sharded = Holder({k: distribute_tensor(v.clone(), mesh, [Shard(0)]) for k, v in init.items()})
+        plain = {k: v.clone().requires_grad_() for k, v in init.items()}
+        opt = SOAP(sharded.parameters(), **options)
+        helpers.get_optimizer_state_dict(sharded, opt)  # before any step: a blank template, no first step
+        ref = SOAP(list(plain.values()), **options)
+        worst_abs = 0.0
+        for t in range(steps):
+            grads = random_grads(FSDP_SHAPES, t)
+            for p, g in zip(sharded.parameters(), grads.values()):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            for p, g in zip(plain.values(), grads.values()):
+                p.grad = g.clone()
+            opt.step()
+            ref.step()
+            for p, q in zip(sharded.parameters(), plain.values()):
+                worst_abs = max(worst_abs, rel(p.to_local().detach(), local_rows(q.detach(), p)))
+        held = sum(t.numel() for s in opt.state.values() for v in s.values() if isinstance(v, (list, torch.Tensor))
+                   for t in (v if isinstance(v, list) else [v]) if t.dim() > 0)
+        whole = sum(t.numel() for s in ref.state.values() for v in s.values() if isinstance(v, (list, torch.Tensor))
+                    for t in (v if isinstance(v, list) else [v]) if t.dim() > 0)
+        out[label] = {"max_rel_diff": worst_abs, "state_share": held / whole, "bytes": opt.communication}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _error_of(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _manual_sophia(params, **kwargs):
+    return Sophia(params, hessian_computation_type="manual", **kwargs)
+
+
+def bad_inputs(rank: int, world: int) -> dict[str, str]:
+    """Every rank runs each misuse; returns the error each raised (all ranks must raise, none may hang)."""
+    import datetime
+
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    mesh = init_device_mesh("cpu", (world,))
+    for name, cls in (("soap", SOAP), ("sophia", _manual_sophia)):
+        two = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "single"))
+        model = Net([4, 4, 4], scale=False)
+        fully_shard(model.layers[0], mesh=mesh)
+        fully_shard(model.layers[1], mesh=two["single"])
+        mixed = [distribute_tensor(torch.randn(4, 4, dtype=torch.float64), mesh).requires_grad_(),
+                 torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+        replicated = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 4, dtype=torch.float64), mesh,
+                                                           [Replicate()]))]
+        subgroup = dist.new_group([0])
+        sharded = shard(Net([4, 4, 4]), world)
+        for misuse, args, kwargs in (("two-meshes", model.parameters(), {}), ("mixed", mixed, {}),
+                                     ("replicate-placement", replicated, {}),
+                                     ("fsdp-other-group", sharded.parameters(), {"process_group": subgroup}),
+                                     ("not-a-group", Net([4, 4]).parameters(), {"process_group": "world"})):
+            out[f"{name}-{misuse}"] = _error_of(lambda c=cls, a=args, k=kwargs: c(a, **k))
+
+    # A rank without one of the parameters: the step's check fails on every rank.
+    sharded = shard(Net([4, 4, 4]), world)
+    params = list(sharded.parameters())
+    for name, cls in (("soap", SOAP), ("sophia", _manual_sophia)):
+        opt = cls(params[:-1] if rank == world - 1 else params)
+        sharded.zero_grad()
+        mse(sharded, torch.ones(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)).backward()
+        out[f"{name}-fsdp-missing-param"] = _error_of(opt.step)
+
+    # DDP with process_group: a rank with another model, and ranks whose gradients differ (no DDP).
+    other = Net([4, 5, 4] if rank == world - 1 else [4, 4, 4])
+    opt = SOAP(other.parameters(), process_group=dist.group.WORLD)
+    mse(other, torch.ones(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)).backward()
+    out["soap-ddp-other-model"] = _error_of(opt.step)
+    alone = Net([4, 4, 4])
+    opt = SOAP(alone.parameters(), process_group=dist.group.WORLD)
+    mse(alone, torch.full((2, 4), float(rank + 1), dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+        ).backward()
+    out["soap-ddp-unreduced-gradients"] = _error_of(opt.step)
+    ddp = DistributedDataParallel(Net([4, 4, 4]))
+    opt = Sophia(ddp.parameters(), k=1, process_group=dist.group.WORLD, hessian_computation_type="hutchinson")
+    if rank == world - 1:
+        opt.param_groups[0]["k"] = 2
+    out["sophia-ddp-other-schedule"] = _error_of(
+        lambda: opt.step(closure=lambda: mse(ddp, torch.ones(2, 4, dtype=torch.float64),
+                                             torch.zeros(2, 4, dtype=torch.float64))))
+
+    # A rank that never steps: the others report it after the process group's timeout, instead of hanging.
+    quick = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3))
+    lonely = Net([4, 4])
+    opt = SOAP(lonely.parameters(), process_group=quick)
+    mse(lonely, torch.ones(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)).backward()
+    out["soap-rank-never-steps"] = _error_of(opt.step) if rank == 0 else "skipped on purpose"
+    dist.barrier()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ suites
+def _timed(out: dict, name: str, fn: Callable, *args) -> None:
+    import time
+
+    start = time.perf_counter()
+    out[name] = fn(*args)
+    out.setdefault("seconds", {})[name] = time.perf_counter() - start
+
+
+def two_ranks(rank: int, world: int, directory: str) -> dict:
+    """Everything checked on 2 ranks, in one process group (the processes start once)."""
+    out: dict = {}
+    _timed(out, "soap_whole_batch", soap_whole_batch, rank, world, ["default", "wd-normalize"])
+    _timed(out, "soap_same_gradients", soap_same_gradients, rank, world, list(SOAP_ANY_SHAPE))
+    _timed(out, "soap_ddp_split", soap_ddp_split, rank, world, list(SOAP_ANY_SHAPE))
+    _timed(out, "sophia_fsdp", sophia_patterns, rank, world, "fsdp", ["logits-paper", "closure-seed", "manual-paper"])
+    _timed(out, "sophia_ddp", sophia_patterns, rank, world, "ddp", ["logits-seed", "closure-paper", "manual-seed"])
+    _timed(out, "sophia_randomness", sophia_default_randomness, rank, world)
+    for case in CHECKPOINT_CASES:
+        _timed(out, f"dcp_{case}", dcp_save_and_resume, rank, world, case, f"{directory}/{case}")
+    _timed(out, "bad_inputs", bad_inputs, rank, world)
+    return out
+
+
+def four_ranks(rank: int, world: int, directory: str) -> dict:
+    """Everything checked on 4 ranks (a rank with no rows of some parameters), and the 2 → 4 resumes."""
+    out: dict = {}
+    _timed(out, "soap_whole_batch", soap_whole_batch, rank, world, ["no-bias-correction"])
+    _timed(out, "soap_same_gradients", soap_same_gradients, rank, world, ["merge-1d-normalize"])
+    _timed(out, "soap_ddp_split", soap_ddp_split, rank, world, ["plain"])
+    _timed(out, "sophia_fsdp", sophia_patterns, rank, world, "fsdp", ["closure-paper", "logits-seed"])
+    _timed(out, "sophia_randomness", sophia_default_randomness, rank, world)
+    for case in CHECKPOINT_CASES:
+        _timed(out, f"dcp_{case}", dcp_resume_elsewhere, rank, world, case, f"{directory}/{case}")
+    return out
+
+
+CHECKPOINT_CASES = ("soap", "sophia-closure")

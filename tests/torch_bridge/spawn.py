@@ -38,10 +38,12 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
             for proc in procs:
                 proc.start()
             deadline = time.monotonic() + timeout
-            for proc in procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-            if any(proc.is_alive() for proc in procs):
-                raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish within {timeout:.0f} s")
+            while any(proc.is_alive() for proc in procs):
+                if any(proc.exitcode not in (None, 0) for proc in procs):
+                    break  # a rank failed: the others may wait for it in a collective, so stop them now
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish within {timeout:.0f} s")
+                time.sleep(0.05)
             results = [_read(path) for path in out]
         finally:
             for proc in procs:
@@ -54,8 +56,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                     proc.join()
     failures = [(r, res[1]) for r, res in enumerate(results) if res[0] != "ok"]
     if failures:
-        rank, text = failures[0]
-        raise AssertionError(f"{fn.__name__}: rank {rank} failed:\n{text}")
+        # The rank that failed first is the one whose error is not a lost connection to another rank.
+        failures.sort(key=lambda item: "Connection closed by peer" in item[1])
+        raise AssertionError("\n".join(f"{fn.__name__}: rank {rank} failed:\n{text}" for rank, text in failures))
     return [res[1] for res in results]
 
 
@@ -74,11 +77,12 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        try:
-            result = ("ok", fn(rank, world, *args))
-        finally:
-            dist.destroy_process_group()
+        result = ("ok", fn(rank, world, *args))
+        dist.barrier()  # no rank leaves (closing its connections) while another still needs it
+        dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         result = ("error", traceback.format_exc())
     with open(out, "wb") as f:
         pickle.dump(result, f)
+    if result[0] != "ok":
+        os._exit(1)
