@@ -139,6 +139,27 @@ class Bytes:
             setattr(dist, name, original)
 
 
+def bases_sum(opt) -> float:
+    """The sum of every eigenbasis in the optimizer's state (keys holding ``Q``): it changes only when the
+    optimizer refreshes its bases, which tells the refresh steps apart whatever the optimizer's schedule."""
+    total = 0.0
+
+    def walk(x, inside: bool) -> None:
+        nonlocal total
+        if torch.is_tensor(x):
+            total += float(x.sum(dtype=torch.float64)) if inside and x.numel() else 0.0
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, inside or "Q" in str(k))
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, inside)
+
+    for state in opt.state.values():
+        walk(state, False)
+    return total
+
+
 def batch(cfg: dict[str, int], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg["V"], (n, cfg["T"]), generator=gen)
@@ -161,13 +182,14 @@ def measure(cfg: dict[str, int], layout: str, name: str, steps: int, rank: int =
         model = torch.nn.parallel.DistributedDataParallel(model)
         group = dist.group.WORLD if layout == "ddp" and name.startswith("torch_bridge") else None
     opt = make_optimizer(name, model.parameters(), process_group=group)
-    times, sent, received, train_bytes = [], [], [], []
+    times, sent, received, train_bytes, refresh = [], [], [], [], []
     for i in range(steps + 1):
         x, y = batch(cfg, 8, seed=i)
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         with Bytes() as counted:
             Fn.cross_entropy(model(x).reshape(-1, cfg["V"]), y.reshape(-1)).backward()
         before = opt.communication if hasattr(opt, "communication") else {"bytes_sent": 0, "bytes_received": 0}
+        bases = bases_sum(opt)
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
@@ -175,20 +197,27 @@ def measure(cfg: dict[str, int], layout: str, name: str, steps: int, rank: int =
         if world > 1:
             dist.barrier()
         times.append(time.perf_counter() - start)
+        refresh.append(bases_sum(opt) != bases)
         after = opt.communication if hasattr(opt, "communication") else before
         sent.append(after["bytes_sent"] - before["bytes_sent"])
         received.append(after["bytes_received"] - before["bytes_received"])
         n = sum(p.numel() for p in model.parameters()) * 4
         train_bytes.append(counted.sent if layout == "fsdp" else 2 * (world - 1) * n // world)
         opt.zero_grad(set_to_none=True)
-    times, sent, received = times[1:], sent[1:], received[1:]  # call 1 only builds the preconditioner
-    refresh = [(i + 1) % FREQUENCY == 0 for i in range(steps)]
+    # Call 1 builds the preconditioner (torch_bridge: only that); a refresh is a step whose bases changed.
+    times, sent, received, refresh = times[1:], sent[1:], received[1:], refresh[1:]
+    if world > 1:  # a rank that owns no bases of a refreshing step sees none change: ask the others
+        flags = torch.tensor(refresh, dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        refresh = [bool(f) for f in flags.tolist()]
     regular = [t for t, r in zip(times, refresh) if not r]
     refreshing = [t for t, r in zip(times, refresh) if r]
-    return {"regular_ms": 1e3 * statistics.median(regular), "refresh_ms": 1e3 * statistics.median(refreshing),
+    return {"regular_ms": 1e3 * statistics.median(regular),
+            "refresh_ms": 1e3 * statistics.median(refreshing) if refreshing else float("nan"),
+            "refresh_steps": sum(refresh),
             "mean_ms": 1e3 * statistics.fmean(times), "bytes_sent_per_step": statistics.fmean(sent),
             "bytes_received_per_step": statistics.fmean(received),
-            "refresh_bytes_sent": statistics.fmean(s for s, r in zip(sent, refresh) if r),
+            "refresh_bytes_sent": statistics.fmean([s for s, r in zip(sent, refresh) if r] or [0.0]),
             "regular_bytes_sent": statistics.fmean(s for s, r in zip(sent, refresh) if not r),
             "train_bytes_sent_per_step": statistics.fmean(train_bytes[1:]),
             "state_bytes": _torch_state_bytes(opt), "times_ms": [1e3 * t for t in times]}
@@ -247,8 +276,8 @@ def write(table: list[dict], raw: list[dict], cfg: dict, steps: int, rounds: int
              f"process; batch 8 × {cfg['T']} tokens (4 × {cfg['T']} per rank). Times in ms per optimizer step; "
              "bytes per step sent by the rank (the optimizer's; the training step's FSDP2/DDP collectives "
              "beside); state in MB per rank. See bench_distributed_torch.py and benchmarks/README.md.", "",
-             "| layout | optimizer | rank | regular step | refresh step | mean | optimizer bytes sent / step "
-             "(regular, refresh) | training-step bytes sent / step | state MB |",
+             "| layout | optimizer | rank | regular step | refresh step (how many) | mean | optimizer bytes sent "
+             "/ step (regular, refresh) | training-step bytes sent / step | state MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         layout = {"one": "1 process", "fsdp": "FSDP2, 2 ranks", "ddp": "DDP, 2 ranks, process_group",
@@ -256,7 +285,8 @@ def write(table: list[dict], raw: list[dict], cfg: dict, steps: int, rounds: int
         if row["layout"] == "ddp" and row["optimizer"].startswith("heavyball"):
             layout = "DDP, 2 ranks (redundant)"
         lines.append(
-            f"| {layout} | {row['optimizer']} | {row['rank']} | {row['regular_ms']:.1f} | {row['refresh_ms']:.1f} | "
+            f"| {layout} | {row['optimizer']} | {row['rank']} | {row['regular_ms']:.1f} | {row['refresh_ms']:.1f} "
+            f"({row['refresh_steps']}) | "
             f"{row['mean_ms']:.1f} | {row['bytes_sent_per_step'] / 1e6:.2f} MB ({row['regular_bytes_sent'] / 1e6:.2f}, "
             f"{row['refresh_bytes_sent'] / 1e6:.2f}) | {row['train_bytes_sent_per_step'] / 1e6:.2f} MB | "
             f"{row['state_bytes'] / 1e6:.1f} |")

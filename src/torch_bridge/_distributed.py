@@ -77,6 +77,13 @@ class Distribution:
     def world(self) -> int:
         return self.comm.world if self.comm is not None else 1
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Bytes this rank sent and received, and its collectives, since the optimizer was built."""
+        if self.comm is None:
+            return {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
+        return self.comm.stats.as_dict()
+
     def add(self, params: Iterable[torch.Tensor]) -> None:
         """Takes in one parameter group's parameters; raises ``ValueError`` if they do not fit the others."""
         params = list(params)
@@ -92,6 +99,22 @@ class Distribution:
             self.kind = "replicated"
             self.comm = Collectives(self.process_group, _comm_device(self.process_group))
         self._seen += len(params)
+
+    def add_last_group(self, param_groups: list[dict]) -> None:
+        """:meth:`add` for the group ``add_param_group`` just appended; a group that does not fit is removed."""
+        try:
+            self.add(param_groups[-1]["params"])
+        except ValueError:
+            param_groups.pop()
+            raise
+
+    @classmethod
+    def of(cls, name: str, param_groups: list[dict]) -> Distribution:
+        """The layout of an unpickled optimizer's parameters (a process group does not pickle: none)."""
+        distribution = cls(name)
+        for group in param_groups:
+            distribution.add(group["params"])
+        return distribution
 
     def _add_sharded(self, p: torch.Tensor) -> None:
         mesh, placements = p.device_mesh, tuple(p.placements)

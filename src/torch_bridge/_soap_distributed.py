@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._balance import assign, soap_cost
+from ._checkpoint import owner_state_from_dtensors, owner_state_to_dtensors
 from ._distributed import Distribution, StepGuard, describe_params, local, structure_key
 from ._linalg import compute_dtype
 
@@ -41,12 +42,6 @@ class SoapDistributor:
         self.distribution = distribution
         self.layout_of = layout_of  # (param, group) -> SoapLayout
         self.guard = StepGuard(distribution)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Bytes this rank sent and received, and its collectives, since the optimizer was built."""
-        comm = self.distribution.comm
-        return comm.stats.as_dict() if comm is not None else {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     def begin_step(self, optimizer: Any, template: bool = False) -> None:
         """Checks that the ranks agree on this step (see :class:`StepGuard`) before it communicates."""
@@ -127,10 +122,13 @@ class ReplicatedSoap(SoapDistributor):
             return []
         ranks = assign(costs, comm.world, cap=math.ceil(len(costs) / comm.world))
         results: list[list[torch.Tensor] | None] = [run(i) if r == comm.rank else None for i, r in enumerate(ranks)]
+        # Each result travels in its memory order with its strides, so that every rank holds it laid out as the
+        # rank that computed it did (a column-major basis multiplies with other rounding than a row-major one).
         slots = [(i, j, shape, dtype) for i in range(len(costs)) for j, (shape, dtype) in enumerate(like(i))]
-        shared: dict[tuple[int, int], torch.Tensor] = {}
+        slots += [(i, (j, "stride"), (len(shape),), torch.int64) for i, j, shape, _ in list(slots)]
+        received_slots: dict[tuple, torch.Tensor] = {}
         for dtype in dict.fromkeys(dtype for *_, dtype in slots):
-            mine = [results[i][j].reshape(-1) for i, j, _, d in slots if d == dtype and ranks[i] == comm.rank]
+            mine = [_memory_order(results[i], j) for i, j, _, d in slots if d == dtype and ranks[i] == comm.rank]
             numels = [sum(math.prod(shape) for i, _, shape, d in slots if d == dtype and ranks[i] == r)
                       for r in range(comm.world)]
             flat = torch.cat(mine).to(comm.device) if mine else torch.empty(0, dtype=dtype, device=comm.device)
@@ -139,8 +137,10 @@ class ReplicatedSoap(SoapDistributor):
             for i, j, shape, d in slots:
                 if d == dtype:
                     r, n = ranks[i], math.prod(shape)
-                    shared[i, j] = received[r][offsets[r]:offsets[r] + n].view(shape).to(device, copy=True)
+                    received_slots[i, j] = received[r][offsets[r]:offsets[r] + n]
                     offsets[r] += n
+        shared = {(i, j): received_slots[i, j].as_strided(shape, received_slots[i, (j, "stride")].tolist())
+                  .to(device, copy=True) for i in range(len(costs)) for j, (shape, _) in enumerate(like(i))}
         return [[shared[i, j] for j in range(len(like(i)))] for i in range(len(costs))]
 
 
@@ -189,13 +189,9 @@ class OwnerSoap(SoapDistributor):
         return [local(p) for p in params]
 
     def export_state(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
-        from ._checkpoint import owner_state_to_dtensors
-
         return owner_state_to_dtensors(self, optimizer, state_dict)
 
     def import_state(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
-        from ._checkpoint import owner_state_from_dtensors
-
         self.assign(optimizer)
         return owner_state_from_dtensors(self, optimizer, state_dict)
 
@@ -208,6 +204,16 @@ def soap_distributor(distribution: Distribution, layout_of: Callable) -> SoapDis
 
 
 _PLAN_OPTIONS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format", "precondition_frequency")
+
+
+def _memory_order(results: list[torch.Tensor], j: Any) -> torch.Tensor:
+    """Result ``j`` flattened in its memory order, or (``j = (k, "stride")``) the strides of result ``k``."""
+    if isinstance(j, tuple):
+        return torch.tensor(results[j[0]].stride(), dtype=torch.int64)
+    t = results[j]
+    if t.stride() != torch.empty_like(t).stride():  # not dense: send it row-major
+        t = t.contiguous()
+    return t.as_strided((t.numel(),), (1,))
 
 
 def _step_of(state: dict[str, Any] | None) -> int:

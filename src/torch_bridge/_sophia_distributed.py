@@ -66,11 +66,6 @@ class SophiaDistributor:
     def distributed(self) -> bool:
         return self.distribution.comm is not None
 
-    @property
-    def stats(self) -> dict[str, int]:
-        comm = self.distribution.comm
-        return comm.stats.as_dict() if comm is not None else {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
-
     # ---------------------------------------------------------------------------------------- checks
     def begin_step(self, optimizer: Any, communicates: Callable[[], bool], template: bool = False) -> None:
         """Checks that the ranks agree on this step (:class:`StepGuard`) if it communicates (``communicates()``)."""

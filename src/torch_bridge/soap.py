@@ -6,7 +6,6 @@ Sham Kakade, "SOAP: Improving and Stabilizing Shampoo using Adam", 2024, arXiv:2
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from so_common import validation
-from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
+from so_common.soap_layout import check_soap_options
 
 from ._balance import decomposition_cost
 from ._checkpoint import is_state_template_step
@@ -30,10 +29,14 @@ from ._linalg import (
 )
 from ._params import add_checked_param_group
 from ._soap_distributed import soap_distributor
+from ._soap_state import EXP_AVG as _EXP_AVG
+from ._soap_state import EXP_AVG_SQ as _EXP_AVG_SQ
+from ._soap_state import GG as _GG
+from ._soap_state import STEP as _STEP
+from ._soap_state import Q as _Q
+from ._soap_state import blank_state, column_major, from_seed_state, from_work, layout_of, restore, to_work
 
 __all__ = ["SOAP"]
-
-_STEP, _EXP_AVG, _EXP_AVG_SQ, _GG, _Q = "step", "exp_avg", "exp_avg_sq", "GG", "Q"
 
 _DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
@@ -55,32 +58,6 @@ def _validate(options: dict[str, Any]) -> None:
     """Raises ``ValueError`` naming the first invalid hyperparameter in ``options``."""
     validation.check_nonnegative("lr", options["lr"])
     check_soap_options(**{name: options[name] for name in _DEFAULTS if name != "lr"})
-
-
-@functools.lru_cache(maxsize=1024)
-def _layout(shape: tuple[int, ...], max_precond_dim: int, merge_dims: bool, precondition_1d: bool,
-            data_format: str) -> SoapLayout:
-    return soap_layout(shape, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-                       precondition_1d=precondition_1d, data_format=data_format)
-
-
-def _group_layout(p: torch.Tensor, group: dict[str, Any]) -> SoapLayout:
-    return _layout(tuple(p.shape), group["max_precond_dim"], group["merge_dims"],
-                   group["precondition_1d"], group["data_format"])
-
-
-def _to_work(x: torch.Tensor, layout: SoapLayout) -> torch.Tensor:
-    """``x`` (parameter shape) in the work layout: permuted (channels_last kernels) and reshaped."""
-    if layout.permutation is not None:
-        x = x.permute(layout.permutation)
-    return x.reshape(layout.work_shape)
-
-
-def _from_work(x: torch.Tensor, layout: SoapLayout) -> torch.Tensor:
-    """Inverse of :func:`_to_work` (a view where possible)."""
-    if layout.permutation is None:
-        return x.reshape(layout.shape)
-    return x.reshape(layout.permuted_shape).permute(layout.inverse_permutation)
 
 
 class SOAP(Optimizer):
@@ -148,6 +125,10 @@ class SOAP(Optimizer):
         data_format: ``"channels_first"`` (NCHW) or ``"channels_last"`` (NHWC) for 4-D tensors; only
             used with ``merge_dims`` (default ``"channels_first"``).
         correct_bias: use Adam's bias correction (default ``True``).
+        process_group: (keyword-only) under DDP, the group (e.g. ``torch.distributed.group.WORLD``) over
+            which each refresh's decompositions are split and shared; ``None`` (default): every rank does
+            all of them. FSDP2 parameters (``fully_shard``) need nothing: each parameter's whole state and
+            update go to one owner rank. Same results as one process; see ``docs/distributed-torch.md``.
 
     State (``optimizer.state[p]``): ``"step"`` (int64 scalar tensor, Adam steps taken; 0 after the first
     call), ``"exp_avg"`` and ``"exp_avg_sq"`` (work shape, in the eigenbasis), ``"GG"`` and ``"Q"``
@@ -199,18 +180,14 @@ class SOAP(Optimizer):
         )
         _validate(defaults)
         super().__init__(params, defaults)
-        self._distributor = soap_distributor(self._distribution, _group_layout)
+        self._distributor = soap_distributor(self._distribution, layout_of)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group; its hyperparameters are validated like the constructor's, and its
         parameters must be real and laid out like the others (all FSDP2 DTensors on one mesh, or none).
         An invalid group is not added."""
         add_checked_param_group(self, param_group, super().add_param_group, _validate, "torch_bridge.SOAP")
-        try:
-            self._distribution.add(self.param_groups[-1]["params"])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        self._distribution.add_last_group(self.param_groups)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -218,10 +195,8 @@ class SOAP(Optimizer):
             for key, value in _DEFAULTS.items():
                 group.setdefault(key, value)
         if "_distributor" not in self.__dict__:  # unpickled: a process group does not pickle
-            self._distribution = Distribution("torch_bridge.SOAP")
-            for group in self.param_groups:
-                self._distribution.add(group["params"])
-            self._distributor = soap_distributor(self._distribution, _group_layout)
+            self._distribution = Distribution.of("torch_bridge.SOAP", self.param_groups)
+            self._distributor = soap_distributor(self._distribution, layout_of)
 
     def state_dict(self) -> dict[str, Any]:
         """The state as ``torch.optim.Optimizer.state_dict`` gives it; under FSDP2 (a collective call) each
@@ -251,11 +226,13 @@ class SOAP(Optimizer):
         for pid, (p, group) in zip(saved_ids, ((p, g) for g in self.param_groups for p in g["params"])):
             if pid in saved_state:
                 state = {
-                    key: _restore(value, torch.device("cpu") if key == _STEP else p.device)
+                    key: restore(value, torch.device("cpu") if key == _STEP else p.device)
                     for key, value in saved_state[pid].items()
                 }
                 if not torch.is_tensor(state.get(_STEP)):
-                    state = _from_seed_state(state, _group_layout(p, group), compute_dtype(p.dtype))
+                    state = from_seed_state(state, layout_of(p, group), compute_dtype(p.dtype))
+                if _Q in state:  # LAPACK's layout, as a computed basis has (it decides the matmuls' rounding)
+                    state[_Q] = [column_major(q) for q in state[_Q]]
                 self.state[p] = state
 
     @torch.no_grad()
@@ -286,7 +263,7 @@ class SOAP(Optimizer):
     def communication(self) -> dict[str, int]:
         """What this rank has communicated since the optimizer was built (``bytes_sent``, ``bytes_received``,
         ``collectives``); zeros in one process or without ``process_group``."""
-        return self._distributor.stats
+        return self._distribution.stats
 
     # ----------------------------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any]) -> None:
@@ -302,7 +279,7 @@ class SOAP(Optimizer):
         # (all of them in one process), with their whole gradients in the work layout.
         starting, stepping, params, grads, layouts = [], [], [], [], []
         for p, grad in zip(with_grad, distributor.gradients(with_grad)):
-            layout = _group_layout(p, group)
+            layout = layout_of(p, group)
             state = self.state[p]
             step = state.get(_STEP)
             if step is None or int(step) < 0:
@@ -311,7 +288,7 @@ class SOAP(Optimizer):
             stepping.append(p)
             if grad is not None:
                 params.append(p)
-                grads.append(_to_work(grad, layout).to(compute_dtype(p.dtype)))
+                grads.append(to_work(grad, layout).to(compute_dtype(p.dtype)))
                 layouts.append(layout)
         if starting:
             self._init_states(starting, shampoo_beta)
@@ -338,7 +315,7 @@ class SOAP(Optimizer):
         lr = group["lr"]
         step_sizes = {p: _step_size(group, int(self.state[p][_STEP])) for p in stepping}
         for p, s, ratio, layout in zip(params, states, ratios, layouts):
-            direction = _from_work(project_back(ratio, s[_Q]), layout)
+            direction = from_work(project_back(ratio, s[_Q]), layout)
             if group["normalize_grads"]:
                 rms = torch.linalg.vector_norm(direction).div_(math.sqrt(max(direction.numel(), 1)))
                 direction = direction / rms.add_(1e-30)
@@ -369,7 +346,7 @@ class SOAP(Optimizer):
             state[_STEP] = torch.tensor(0, dtype=torch.int64)
             if grad is None:
                 continue
-            g = _to_work(grad, layout).to(compute_dtype(p.dtype))
+            g = to_work(grad, layout).to(compute_dtype(p.dtype))
             state[_EXP_AVG] = torch.zeros_like(g, memory_format=torch.contiguous_format)
             state[_EXP_AVG_SQ] = torch.zeros_like(g, memory_format=torch.contiguous_format)
             factors = [g.new_zeros(d, d) if on else g.new_empty(0)
@@ -377,34 +354,19 @@ class SOAP(Optimizer):
             update_factors(factors, g, shampoo_beta)
             state[_GG] = factors
             built.append(state)
-        tasks = [(s, i) for s in built for i, gg in enumerate(s[_GG]) if gg.numel()]
-        bases = iter(self._distributor.share(
-            [decomposition_cost(s[_GG][i].shape[0]) for s, i in tasks],
-            lambda k: [eigh_descending(tasks[k][0][_GG][tasks[k][1]]).contiguous()],
-            lambda k: [(tuple(tasks[k][0][_GG][tasks[k][1]].shape), tasks[k][0][_GG][tasks[k][1]].dtype)],
-            tasks[0][0][_GG][tasks[0][1]].device if tasks else torch.device("cpu")))
+        factors = [gg for s in built for gg in s[_GG] if gg.numel()]
+        bases = iter(self._distributor.share(  # the eigh of each factor, where the distributor puts it
+            [decomposition_cost(gg.shape[0]) for gg in factors], lambda k: [eigh_descending(factors[k])],
+            lambda k: [(tuple(factors[k].shape), factors[k].dtype)], _device(factors)))
         for s in built:
             s[_Q] = [next(bases)[0] if gg.numel() else gg for gg in s[_GG]]
 
     def _blank_group(self, group: dict[str, Any]) -> None:
         """The state ``torch.distributed.checkpoint`` asks for before loading (its zero-gradient, ``lr = 0``
-        step): every tensor of a first step's state, zero, with ``step = -1`` so that the next real step is
-        still a first step. Nothing is computed and no parameter changes."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            layout = _group_layout(p, group)
-            state = self.state[p]
-            state[_STEP] = torch.tensor(-1, dtype=torch.int64)
-            if not self._distributor.owns(p):
-                continue
-            dtype, device = compute_dtype(p.dtype), p.device
-            state[_EXP_AVG] = torch.zeros(layout.work_shape, dtype=dtype, device=device)
-            state[_EXP_AVG_SQ] = torch.zeros(layout.work_shape, dtype=dtype, device=device)
-            state[_GG] = [torch.zeros(d, d, dtype=dtype, device=device) if on else torch.empty(0, dtype=dtype,
-                                                                                               device=device)
-                          for d, on in zip(layout.work_shape, layout.preconditioned)]
-            state[_Q] = [m.clone() for m in state[_GG]]
+        step): blank, of the right shapes (:func:`~torch_bridge._soap_state.blank_state`). No step is taken."""
+        for p in (p for p in group["params"] if p.grad is not None):
+            self.state[p] = blank_state(layout_of(p, group), compute_dtype(p.dtype), p.device,
+                                        self._distributor.owns(p))
 
 
 def _step_size(group: dict[str, Any], t: int) -> float:
@@ -420,14 +382,14 @@ def _refresh(states: list[dict[str, Any]], distributor: Any) -> None:
     """Power iteration + QR on every factor of ``states``; ``exp_avg`` follows the new bases, ``exp_avg_sq``
     the sort. The decompositions run where ``distributor`` puts them (all here in one process)."""
     states = [s for s in states if any(q.numel() for q in s[_Q])]
-    tasks = [(s, dim) for s in states for dim, gg in enumerate(s[_GG]) if gg.numel()]
-    if not tasks:
+    pairs = [(gg, q) for s in states for gg, q in zip(s[_GG], s[_Q]) if gg.numel()]
+    if not pairs:
         return
-    results = iter(distributor.share(
-        [decomposition_cost(s[_GG][dim].shape[0]) for s, dim in tasks],
-        lambda k: [t.contiguous() for t in refresh_basis(tasks[k][0][_GG][tasks[k][1]], tasks[k][0][_Q][tasks[k][1]])],
-        lambda k: _refresh_like(tasks[k][0][_GG][tasks[k][1]]),
-        tasks[0][0][_GG][tasks[0][1]].device if tasks else torch.device("cpu")))
+    results = iter(distributor.share(  # (basis, order) = refresh_basis(GG, Q) of each factor
+        [decomposition_cost(gg.shape[0]) for gg, _ in pairs],
+        lambda k: list(refresh_basis(*pairs[k])),
+        lambda k: [(tuple(pairs[k][0].shape), pairs[k][0].dtype), ((pairs[k][0].shape[0],), torch.int64)],
+        _device([gg for gg, _ in pairs])))
     for state in states:
         bases = state[_Q]
         exp_avg = project_back(state[_EXP_AVG], bases)
@@ -443,38 +405,5 @@ def _refresh(states: list[dict[str, Any]], distributor: Any) -> None:
         state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
 
 
-def _refresh_like(gg: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """What :func:`~torch_bridge._linalg.refresh_basis` of ``gg`` returns: a basis and a sort order."""
-    return [(tuple(gg.shape), gg.dtype), ((gg.shape[0],), torch.int64)]
-
-
-def _from_seed_state(state: dict[str, Any], layout: SoapLayout, dtype: torch.dtype) -> dict[str, Any]:
-    """A parameter state saved by the seed's SOAP, in this class's layout and compute ``dtype``.
-
-    The seed keeps an ``int`` step, the moments in the parameter's shape and dtype, ``[]`` (not a tensor)
-    for a dimension with the identity basis, and its own copies of ``precondition_frequency`` and
-    ``shampoo_beta``, which the param group holds here. Its moments are already in the eigenbasis, as here.
-    """
-    empty = state[_EXP_AVG].new_empty(0, dtype=dtype)
-
-    def matrices(values: list) -> list[torch.Tensor]:
-        return [v.to(dtype) if torch.is_tensor(v) and v.numel() else empty for v in values]
-
-    return {
-        _STEP: torch.tensor(int(state[_STEP]), dtype=torch.int64),
-        _EXP_AVG: _to_work(state[_EXP_AVG], layout).to(dtype).contiguous(),
-        _EXP_AVG_SQ: _to_work(state[_EXP_AVG_SQ], layout).to(dtype).contiguous(),
-        _GG: matrices(state[_GG]),
-        _Q: matrices(state[_Q]),
-    }
-
-
-def _restore(value: Any, device: torch.device) -> Any:
-    """A copy of saved state on ``device``, keeping its dtype."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, copy=True)
-    if isinstance(value, list):
-        return [_restore(v, device) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_restore(v, device) for v in value)
-    return value
+def _device(tensors: list[torch.Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")

@@ -183,11 +183,7 @@ class Sophia(Optimizer):
             lambda group: _check_hyperparameters(**{name: group[name] for name in self.defaults}),
             "torch_bridge.Sophia",
         )
-        try:
-            self._distribution.add(self.param_groups[-1]["params"])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        self._distribution.add_last_group(self.param_groups)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -206,9 +202,7 @@ class Sophia(Optimizer):
         if not hasattr(self, "_win_record"):
             self._win_record = None
         if not hasattr(self, "_dist"):  # unpickled: a process group does not pickle
-            self._distribution = Distribution("torch_bridge.Sophia")
-            for group in self.param_groups:
-                self._distribution.add(group["params"])
+            self._distribution = Distribution.of("torch_bridge.Sophia", self.param_groups)
             self._dist = SophiaDistributor(self._distribution)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -397,7 +391,7 @@ class Sophia(Optimizer):
         """What this rank has communicated since the optimizer was built (``bytes_sent``, ``bytes_received``,
         ``collectives``); zeros in one process or without ``process_group`` (FSDP2's own collectives, in the
         model's forward and backward, are not counted)."""
-        return self._dist.stats
+        return self._distribution.stats
 
     def _update_group(
         self,
