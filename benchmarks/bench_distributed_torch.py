@@ -45,10 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_step import _torch_state_bytes, device_tag, gpt_shapes  # noqa: E402
+from benchmarks.bench_step import GPT, _torch_state_bytes, device_tag, gpt_shapes  # noqa: E402
 from tests.torch_bridge.spawn import run_ranks  # noqa: E402
 
-GPT = dict(D=256, L=4, V=96, F=1024, T=128)
 TINY = dict(D=32, L=1, V=16, F=64, T=16)
 FREQUENCY = 10
 

@@ -16,8 +16,10 @@ import torch
 
 from so_common.soap_layout import SoapLayout, soap_layout
 
+from ._linalg import compute_dtype
+
 __all__ = ["STEP", "EXP_AVG", "EXP_AVG_SQ", "GG", "Q", "blank_state", "column_major", "from_seed_state", "from_work",
-           "layout_of", "restore", "to_work"]
+           "layout_of", "restore", "restored_state", "to_work"]
 
 STEP, EXP_AVG, EXP_AVG_SQ, GG, Q = "step", "exp_avg", "exp_avg_sq", "GG", "Q"
 
@@ -81,6 +83,19 @@ def from_seed_state(state: dict[str, Any], layout: SoapLayout, dtype: torch.dtyp
         GG: matrices(state[GG]),
         Q: matrices(state[Q]),
     }
+
+
+def restored_state(saved: dict[str, Any], layout: SoapLayout, p: torch.Tensor) -> dict[str, Any]:
+    """A copy of a saved parameter state on ``p``'s device with its own dtypes, in this class's layout (a
+    state saved by the reference implementation converted), its bases column-major (:func:`column_major`)."""
+    state = {key: restore(value, torch.device("cpu") if key == STEP else p.device) for key, value in saved.items()}
+    if "precondition_frequency" in state or "shampoo_beta" in state:  # only the reference keeps these per state
+        state = from_seed_state(state, layout, compute_dtype(p.dtype))
+    if STEP in state and not torch.is_tensor(state[STEP]):  # a checkpoint with a plain-number step
+        state[STEP] = torch.tensor(int(state[STEP]), dtype=torch.int64)
+    if Q in state:
+        state[Q] = [column_major(q) for q in state[Q]]
+    return state
 
 
 def column_major(m: torch.Tensor) -> torch.Tensor:

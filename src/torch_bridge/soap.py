@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from so_common import validation
 from so_common.soap_layout import check_soap_options
 
 from ._balance import decomposition_cost
@@ -27,14 +26,14 @@ from ._linalg import (
     refresh_basis,
     update_factors,
 )
-from ._params import add_checked_param_group
+from ._params import add_checked_param_group, check_lr, scalar
 from ._soap_distributed import soap_distributor
 from ._soap_state import EXP_AVG as _EXP_AVG
 from ._soap_state import EXP_AVG_SQ as _EXP_AVG_SQ
 from ._soap_state import GG as _GG
 from ._soap_state import STEP as _STEP
 from ._soap_state import Q as _Q
-from ._soap_state import blank_state, column_major, from_seed_state, from_work, layout_of, restore, to_work
+from ._soap_state import blank_state, from_work, layout_of, restored_state, to_work
 
 __all__ = ["SOAP"]
 
@@ -56,7 +55,7 @@ _DEFAULTS: dict[str, Any] = {
 
 def _validate(options: dict[str, Any]) -> None:
     """Raises ``ValueError`` naming the first invalid hyperparameter in ``options``."""
-    validation.check_nonnegative("lr", options["lr"])
+    check_lr(options["lr"])
     check_soap_options(**{name: options[name] for name in _DEFAULTS if name != "lr"})
 
 
@@ -205,35 +204,44 @@ class SOAP(Optimizer):
         return self._distributor.export_state(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict, keeping the state's own dtypes; a checkpoint of the seed's SOAP loads too.
+        """Loads a state dict, keeping the state's own dtypes; a checkpoint of the reference SOAP loads too.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter dtype;
         SOAP's moments, factors and bases must stay float32 (or wider) for bf16/fp16 parameters, so they
         are restored with their saved dtype, moved to the parameter's device. A parameter state saved by
-        the seed implementation (an ``int`` step) is converted to this class's layout; options its param
-        groups do not hold (the seed's ``data_format``) keep the values this optimizer was built with.
+        the reference implementation (an ``int`` step and its own ``precondition_frequency``) is converted
+        to this class's layout; options its param groups do not hold (its ``data_format``) keep the values
+        this optimizer was built with. Hooks registered with ``register_load_state_dict_pre_hook`` /
+        ``register_load_state_dict_post_hook`` run as in ``torch.optim.Optimizer``: the state restored here
+        is the one the pre-hooks returned, and the post-hooks see (and may change) the restored state.
         """
-        state_dict = self._distributor.import_state(self, state_dict)  # FSDP2: DTensor state to its owners
-        saved_state = state_dict["state"]
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        # An option the checkpoint lacks keeps this optimizer's value (the seed holds data_format outside
-        # its param groups), not the class default that __setstate__ fills in.
-        groups = [dict(saved) for saved in state_dict["param_groups"]]
-        for saved, current in zip(groups, self.param_groups):
-            for key, value in current.items():
-                saved.setdefault(key, value)
-        super().load_state_dict(dict(state_dict, param_groups=groups))
-        for pid, (p, group) in zip(saved_ids, ((p, g) for g in self.param_groups for p in g["params"])):
-            if pid in saved_state:
-                state = {
-                    key: restore(value, torch.device("cpu") if key == _STEP else p.device)
-                    for key, value in saved_state[pid].items()
-                }
-                if not torch.is_tensor(state.get(_STEP)):
-                    state = from_seed_state(state, layout_of(p, group), compute_dtype(p.dtype))
-                if _Q in state:  # LAPACK's layout, as a computed basis has (it decides the matmuls' rounding)
-                    state[_Q] = [column_major(q) for q in state[_Q]]
-                self.state[p] = state
+        loaded: dict[str, Any] = {}
+
+        def prepare(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:  # after the user's pre-hooks
+            state_dict = optimizer._distributor.import_state(optimizer, state_dict)  # FSDP2: DTensors to owners
+            loaded["state"] = state_dict["state"]
+            loaded["ids"] = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+            # An option the checkpoint lacks keeps this optimizer's value (the reference holds data_format
+            # outside its param groups), not the class default that __setstate__ fills in.
+            groups = [dict(saved) for saved in state_dict["param_groups"]]
+            for saved, current in zip(groups, optimizer.param_groups):
+                for key, value in current.items():
+                    saved.setdefault(key, value)
+            return dict(state_dict, param_groups=groups)
+
+        def restore_states(optimizer: SOAP) -> None:  # before the user's post-hooks
+            members = ((p, g) for g in optimizer.param_groups for p in g["params"])
+            for pid, (p, group) in zip(loaded["ids"], members):
+                if pid in loaded["state"]:
+                    optimizer.state[p] = restored_state(loaded["state"][pid], layout_of(p, group), p)
+
+        pre = self.register_load_state_dict_pre_hook(prepare)
+        post = self.register_load_state_dict_post_hook(restore_states, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -312,7 +320,7 @@ class SOAP(Optimizer):
         torch._foreach_reciprocal_(ratios)
         torch._foreach_mul_(ratios, exp_avgs)
 
-        lr = group["lr"]
+        lr = scalar(group["lr"])
         step_sizes = {p: _step_size(group, int(self.state[p][_STEP])) for p in stepping}
         for p, s, ratio, layout in zip(params, states, ratios, layouts):
             direction = from_work(project_back(ratio, s[_Q]), layout)
@@ -371,7 +379,7 @@ class SOAP(Optimizer):
 
 def _step_size(group: dict[str, Any], t: int) -> float:
     """The learning rate times Adam's bias correction ``√(1-β₂ᵗ) / (1-β₁ᵗ)`` (if ``correct_bias``)."""
-    lr = group["lr"]
+    lr = scalar(group["lr"])
     if not group["correct_bias"]:
         return lr
     beta1, beta2 = group["betas"]

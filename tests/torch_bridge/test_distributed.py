@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from tests.torch_bridge.spawn import run_ranks
 
 pytestmark = pytest.mark.xdist_group("distributed")  # one worker runs them all (the spawns are shared)
 
+REPO = Path(__file__).resolve().parents[2]
 EXACT = 1e-9  # the issue's bound for "equal to one process" in float64; the runs reach ~1e-13 or better
 
 
@@ -139,3 +144,23 @@ def test_ddp_mismatches_are_clear_errors_and_nothing_hangs(runs):
 def test_spawned_ranks_are_gone(runs):
     children = torch.multiprocessing.active_children()
     assert not children, children
+
+
+def test_readme_example_runs_under_torchrun(tmp_path):
+    """The README's distributed example, as its comment says to run it: torchrun, 2 processes (gloo, CPU)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Distributed training (PyTorch)"):]
+    start = section.index("```python\n") + len("```python\n")
+    (tmp_path / "train.py").write_text(section[start:section.index("\n```", start)])
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "train.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # torchrun and its workers share the new session's process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    assert (tmp_path / "checkpoint").is_dir()
