@@ -9,8 +9,9 @@ reduce-scatter and DDP's all-reduce average), so the two runs differ only by the
 SOAP's eigenbases of a rank-deficient factor are a free choice of LAPACK, and a rounding-level change of
 the gradient changes that choice (measured: a 1e-15 relative perturbation of the gradients of a
 non-square MLP moves one process's parameters by 4e-2 after 30 steps, a square one's by 2e-15). So the
-whole-batch comparisons use square layers whose factors are full rank; every other shape is checked by
-feeding one process the distributed run's own (all-gathered) gradients, where the two must agree exactly.
+whole-batch comparisons use layers whose factors are full rank (square ones, and non-square ones whose
+larger side is left unpreconditioned by ``max_precond_dim``); every other shape is checked by feeding one
+process the distributed run's own (all-gathered) gradients, where the two must agree exactly.
 """
 
 from __future__ import annotations
@@ -123,15 +124,18 @@ SOAP_WHOLE_BATCH = {
     "default": dict(lr=0.02, precondition_frequency=3),
     "wd-normalize": dict(lr=0.01, precondition_frequency=4, weight_decay=0.1, normalize_grads=True, betas=(0.9, 0.99)),
     "no-bias-correction": dict(lr=0.01, precondition_frequency=2, correct_bias=False, shampoo_beta=0.8),
+    # Non-square layers, every factor full rank: the larger side of each weight (7 and 9) exceeds max_precond_dim.
+    "non-square": dict(lr=0.02, precondition_frequency=4, max_precond_dim=6),
 }
+WHOLE_BATCH_DIMS = {"non-square": [7, 5, 9]}
 
 
 def soap_whole_batch(rank: int, world: int, labels: list[str]) -> dict[str, dict[str, float]]:
-    """FSDP2 SOAP against one process on the whole batch (square, full-rank layers), per option set."""
+    """FSDP2 SOAP against one process on the whole batch (full-rank factors), per option set."""
     results = {}
-    dims = [5, 5, 5]
-    batches = data(STEPS, dims[0], dims[-1])
     for label in labels:
+        dims = WHOLE_BATCH_DIMS.get(label, [5, 5, 5])
+        batches = data(STEPS, dims[0], dims[-1])
         reference = Net(dims)
         model = shard(copy.deepcopy(reference), world)
 
@@ -579,7 +583,7 @@ def _timed(out: dict, name: str, fn: Callable, *args) -> None:
 def two_ranks(rank: int, world: int, directory: str) -> dict:
     """Everything checked on 2 ranks, in one process group (the processes start once)."""
     out: dict = {}
-    _timed(out, "soap_whole_batch", soap_whole_batch, rank, world, ["default", "wd-normalize"])
+    _timed(out, "soap_whole_batch", soap_whole_batch, rank, world, ["default", "wd-normalize", "non-square"])
     _timed(out, "soap_same_gradients", soap_same_gradients, rank, world, list(SOAP_ANY_SHAPE))
     _timed(out, "soap_ddp_split", soap_ddp_split, rank, world, list(SOAP_ANY_SHAPE))
     _timed(out, "sophia_fsdp", sophia_patterns, rank, world, "fsdp", ["logits-paper", "closure-seed", "manual-paper"])

@@ -2,7 +2,7 @@
 
 The ranks start twice (the processes are the slow part): once 2 and once 4, each running every check of
 ``distributed_checks`` in one process group; the tests below read their results. All runs are float64.
-What is compared with what, and why SOAP's whole-batch comparisons use square layers, is in the
+What is compared with what, and why SOAP's whole-batch comparisons use full-rank factors, is in the
 docstring of ``distributed_checks``. Every spawn is bounded in time and leaves no process behind
 (``spawn.run_ranks``).
 """
