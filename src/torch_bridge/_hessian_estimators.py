@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "sample_labels",
+    "labels_from_uniforms",
     "sampled_label_loss",
     "sampled_label_gradients",
     "backward_sampled_label_loss",
@@ -46,6 +47,12 @@ def _is_freed_graph_error(err: RuntimeError) -> bool:
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples one label per position from ``softmax(logits)``.
 
+    Inverse-CDF sampling: one float64 uniform ``u_n`` per position, in position order, from ``generator``
+    (the global generator when ``None``), and ``ŷ_n`` the first class whose cumulative probability exceeds
+    ``u_n``. Distributed Sophia draws the whole batch's uniforms the same way and keeps its ranks' positions
+    (:func:`labels_from_uniforms`), so one process and any split of the batch over ranks draw the same
+    labels from the same generator state.
+
     Args:
       logits: ``(..., C)`` tensor of unnormalised log-probabilities; leading dims are positions
         (``(B, C)`` for classification, ``(B, T, C)`` for a language model).
@@ -54,11 +61,27 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None
     Returns:
       An ``int64`` tensor of shape ``logits.shape[:-1]`` with ``ŷ_n ~ Categorical(softmax(logits_n))``.
     """
+    positions = logits[..., 0].numel()
+    uniforms = torch.rand(positions, generator=generator, dtype=torch.float64, device=logits.device)
+    return labels_from_uniforms(logits, uniforms)
+
+
+_CDF_CHUNK_ELEMENTS = 1 << 24  # float64 cumulative probabilities held at once (128 MiB)
+
+
+def labels_from_uniforms(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Labels where each position's uniform ``u_n`` falls in its cumulative ``softmax(logits_n)``.
+
+    Rows are taken in chunks so that the float64 CDF never holds more than ``_CDF_CHUNK_ELEMENTS``
+    entries; each row's label depends only on that row and its uniform.
+    """
     flat = logits.detach().reshape(-1, logits.shape[-1])
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # multinomial wants float32/64 probabilities
-    probs = torch.softmax(flat, dim=-1)
-    labels = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    labels = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
+    rows = max(1, _CDF_CHUNK_ELEMENTS // max(1, flat.shape[-1]))
+    for start in range(0, flat.shape[0], rows):
+        cdf = torch.softmax(flat[start:start + rows].to(torch.float64), dim=-1).cumsum(dim=-1)
+        u = uniforms[start:start + rows].unsqueeze(-1) * cdf[:, -1:]
+        labels[start:start + rows] = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=flat.shape[-1] - 1)
     return labels.reshape(logits.shape[:-1])
 
 

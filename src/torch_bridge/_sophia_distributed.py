@@ -36,6 +36,7 @@ from ._hessian_estimators import (
     backward_sampled_label_loss,
     draw_probes,
     hessian_vector_product,
+    labels_from_uniforms,
     sampled_label_gradients,
 )
 
@@ -103,16 +104,13 @@ class SophiaDistributor:
         label is where it falls in the position's cumulative softmax (inverse-CDF sampling).
         """
         comm = self.distribution.comm
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        counts = [row[0] for row in comm.all_gather_ints([flat.shape[0]])]
+        positions = logits[..., 0].numel()
+        counts = [row[0] for row in comm.all_gather_ints([positions])]
         start = sum(counts[:comm.rank])
-        generator = self.generator(flat.device)
-        uniforms = torch.rand(sum(counts), generator=generator, dtype=torch.float64, device=flat.device)
-        self.release(generator, flat.device)
-        cdf = torch.softmax(flat.to(torch.float64), dim=-1).cumsum(dim=-1)
-        u = uniforms[start:start + flat.shape[0]].unsqueeze(-1) * cdf[:, -1:]
-        labels = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=flat.shape[-1] - 1)
-        return labels.reshape(logits.shape[:-1])
+        generator = self.generator(logits.device)
+        uniforms = torch.rand(sum(counts), generator=generator, dtype=torch.float64, device=logits.device)
+        self.release(generator, logits.device)
+        return labels_from_uniforms(logits, uniforms[start:start + positions])
 
     def probes(self, params: Sequence[torch.Tensor], distributions: Sequence[str]) -> list[torch.Tensor]:
         """Probes of the whole parameters (global shapes), the same on every rank."""

@@ -314,9 +314,9 @@ def sophia_patterns(rank: int, world: int, layout: str, runs: list[str], steps: 
 
 def sophia_default_randomness(rank: int, world: int) -> dict:
     """Sophia's own labels and probes under FSDP2: the ranks' labels together, and every rank's probes, are
-    those one process draws for the whole batch from rank 0's generator state (inverse-CDF labels, the
-    one-process ``draw_probes``); rank 0's generator then continues as that process's would."""
-    from torch_bridge._hessian_estimators import draw_probes
+    those one process draws for the whole batch from rank 0's generator state (``sample_labels``,
+    ``draw_probes``); rank 0's generator then continues as that process's would."""
+    from torch_bridge._hessian_estimators import draw_probes, sample_labels
 
     model = shard(Net([5, 7, CLASSES]), world)
     opt = Sophia(model.parameters())
@@ -328,10 +328,7 @@ def sophia_default_randomness(rank: int, world: int) -> dict:
     gathered = [None] * world
     dist.all_gather_object(gathered, labels)
     torch.manual_seed(100)
-    flat = logits.reshape(-1, CLASSES)
-    cdf = torch.softmax(flat, -1).cumsum(-1)
-    u = torch.rand(flat.shape[0], dtype=torch.float64)
-    expected_labels = torch.searchsorted(cdf, (u.unsqueeze(-1) * cdf[:, -1:])).squeeze(-1).reshape(BATCH, 4)
+    expected_labels = sample_labels(logits)  # what one process draws for the whole batch
     expected_probes = [draw_probes([p])[0] for p in model.parameters()]
     expected_after = torch.rand(3)
     return {"labels": torch.equal(torch.cat(gathered), expected_labels),
