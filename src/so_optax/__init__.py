@@ -1,5 +1,6 @@
 """so_optax: second-order optimizers (SOAP, Sophia) as optax gradient transformations."""
 
+from so_optax._distribution import state_shardings
 from so_optax._hessian_estimators import (
     GNBState,
     HutchinsonState,
@@ -27,4 +28,5 @@ __all__ = [
     "hutchinson_hessian_estimator",
     "gnb_diag_from_labels",
     "hutchinson_diag_from_probe",
+    "state_shardings",
 ]
