@@ -1,29 +1,21 @@
-"""Where the so_optax optimizers keep their state and run their decompositions on a device mesh.
+"""Where the so_optax optimizers keep their state and run their work on a device mesh.
 
-The optimizers' math (``_soap.py``, ``_sophia.py``) does not know about devices; this module is the
+The optimizers' math (``_soap_step.py``, ``_sophia.py``) does not know about devices; this module is the
 layer that does. Under ``jax.set_mesh(mesh)`` it reads the mesh when a step is traced and
 
-* **stores** every state array split over the mesh axes the optimizer may use (``mesh_axes``, default
-  all): along the first dimension that the number of devices divides (the rows of a ``d × d`` factor
-  or basis), else axis by axis on dimensions each axis divides, else whole. Nothing is padded;
-* keeps the **regular step** XLA SPMD on these sharded operands (exact math, communication of the
-  order of the parameter and factor sizes). Under an Explicit mesh the math runs inside
-  ``jax.sharding.auto_axes`` with the state's storage as its output sharding, so it is traced as on an
-  Auto mesh (an Explicit mesh would reject ``G Gᵀ`` of a row-sharded ``G`` as ambiguous);
-* spreads the **decompositions** (eigh at the first call, QR at refreshes) over the devices: each
-  matrix goes whole to one owner (:func:`balance`: greedy by ``d³`` within per-size stacks), one
-  all-to-all per size moves the stacks there, ``jax.shard_map`` decomposes each device's own share
-  (so the compiled per-device program holds only its share) and one all-to-all brings the results
-  back to their storage. Sizes too varied for ``⌈F/N⌉ + 2`` decompositions per device are merged by
-  exact block-diagonal padding: ``diag(F, −I)`` for eigh (a PSD factor's eigenvectors come first,
-  the pad's ``−1`` sort last) and ``diag(P, I)`` for QR (``qr(diag(P, I)).Q = diag(qr(P).Q, I)``).
+* **stores** every floating-point state array split over the mesh axes the optimizer may use
+  (``mesh_axes``, default all): along the first dimension that the number of devices divides (the rows of
+  a ``d × d`` factor or basis), else axis by axis on dimensions each axis divides, else whole; counts and
+  PRNG keys stay replicated. Nothing is padded;
+* keeps the **regular step** XLA SPMD on these sharded operands (exact math), with the operands of SOAP's
+  contractions placed by ``_mesh_linalg.MeshContractions`` and the loops' carries pinned to the storage.
+  Under an Explicit mesh the SOAP math runs inside ``jax.sharding.auto_axes`` with the state's storage as
+  its output sharding, so it is traced as on an Auto mesh (an Explicit mesh would reject ``G Gᵀ`` of a
+  row-sharded ``G`` as ambiguous);
+* spreads the **decompositions** over the devices (``_mesh_linalg.MeshDecomposer``).
 
 Without a mesh (or with one device among the usable axes and no Explicit axis) nothing changes: the
 one-device program is the one the optimizers always compiled.
-
-Meta's Distributed Shampoo keeps distribution in a layer the preconditioner does not know, assigns
-blocks by a greedy load balancer (cost ~ d³); Google's JAX Shampoo stacks padded factors into one array
-sharded over the devices. This module stacks per size instead (no padding unless sizes must merge).
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from so_optax import _lapack_lanes, _linalg
+from so_optax import _lapack_lanes, _linalg, _mesh_linalg
 
 MeshAxes = str | Sequence[str] | None
 
@@ -219,13 +211,14 @@ class Placement:
 
     def contractions(self) -> _linalg.Contractions:
         """The step's projections and Gram matrices: as on one device, or with their operands placed."""
-        return _linalg.Contractions() if self.size == 1 else MeshContractions(self)
+        return _linalg.Contractions() if self.size == 1 else _mesh_linalg.MeshContractions(self)
 
     def decomposer(self) -> _linalg.Decomposer:
         """How this step's eigh/QR calls run: in ``Lanes`` here (one device), or spread over the mesh."""
         if self.size == 1:
             return _linalg.LocalDecomposer(_linalg.Lanes(_lapack_lanes.lane_count()))
-        return MeshDecomposer(self)
+        _lapack_lanes.one_thread_on_simulated_devices()
+        return _mesh_linalg.MeshDecomposer(self)
 
 
 def _explicit_spec(explicit: tuple[str, ...], x: Any) -> P:
@@ -261,199 +254,6 @@ def placement(mesh_axes: tuple[str, ...] | None) -> Placement:
     axes = tuple((n, mesh.shape[n]) for n in usable if mesh.shape[n] > 1)
     explicit = tuple(n for n in names if types[n] == AxisType.Explicit)
     return Placement(mesh, axes, explicit)
-
-
-# ----------------------------------------------------------------------------------- contractions
-
-
-class MeshContractions(_linalg.Contractions):
-    """SOAP's contractions with their operands placed so that each costs a transfer of the smaller of
-    the tensor and the matrix it meets, instead of what XLA's propagation picks (it all-gathers every
-    basis and all-reduces every full factor).
-
-    A mode product ``x ×_i Q`` with the ``d × d`` basis ``Q`` (split by rows): if ``d² ≤ |x|`` the basis
-    is gathered (its one all-gather is shared by the projection and the projection back of a step) and
-    ``x`` split along another axis, so the product is local; otherwise the tensor moves: projecting
-    (``Qᵀ`` contracts ``Q``'s rows) ``x`` is split along axis ``i`` like ``Q``'s rows and the partial
-    products are reduce-scattered, projecting back ``x`` is gathered and each device computes its rows.
-    The Gram matrices of a tensor gather it once if ``|x| ≤ Σ d_i²`` (then every factor's rows are
-    local), else each factor is summed from the local slices and reduce-scattered.
-    """
-
-    def __init__(self, where: Placement):
-        self._where = where
-
-    def _split_other_than(self, x: jax.Array, axis: int) -> tuple[jax.Array, P | None]:
-        for dim in range(x.ndim):
-            spec = self._where.along(x.shape, dim) if dim != axis else None
-            if spec is not None:
-                return self._where.constrain(x, spec), spec
-        return x, None
-
-    def _mode(self, x: jax.Array, q: jax.Array, axis: int, contract_rows: bool) -> jax.Array:
-        out_spec = None
-        if q.size <= x.size:  # the basis moves; the product is local and keeps x's split
-            x, out_spec = self._split_other_than(x, axis)
-            q = self._where.constrain(q, P())
-        elif contract_rows:  # local partial sums over Q's rows; the next placement reduce-scatters them
-            spec = self._where.along(x.shape, axis)
-            x = x if spec is None else self._where.constrain(x, spec)
-        else:  # x moves; each device computes the rows of Q it holds
-            x = self._where.constrain(x, P())
-            out_spec = self._where.along(x.shape, axis)
-        y = _linalg.mode_product(x, q, axis, contract_rows)
-        return y if out_spec is None else self._where.constrain(y, out_spec)
-
-    def project(self, x, bases):
-        for axis, q in enumerate(bases):
-            if q is not None:
-                x = self._mode(x, q, axis, contract_rows=True)
-        return self._where.constrain(x, self._where.spec(x.shape))
-
-    def project_back(self, x, bases):
-        for axis, q in enumerate(bases):
-            if q is not None:
-                x = self._mode(x, q, axis, contract_rows=False)
-        return x
-
-    def grams(self, x, preconditioned):
-        dims = [x.shape[a] for a, on in enumerate(preconditioned) if on]
-        gathered = self._where.constrain(x, P()) if x.size <= sum(d * d for d in dims) else None
-        out = []
-        for axis, on in enumerate(preconditioned):
-            if not on:
-                out.append(None)
-                continue
-            y = gathered if gathered is not None else self._split_other_than(x, axis)[0]
-            f = _linalg.gram(y, axis)
-            out.append(self._where.constrain(f, self._where.spec(f.shape)))
-        return tuple(out)
-
-
-# --------------------------------------------------------------------------------- decompositions
-
-
-@dataclass(frozen=True)
-class SizeClass:
-    """One stack of decompositions: ``slots`` matrices of size ``size`` per device.
-
-    ``owners[device][slot]`` is the index (in the order given to :func:`balance`) of the matrix that
-    slot holds, or ``None`` for an empty slot (an identity, cheap to decompose).
-    """
-
-    size: int
-    slots: int
-    owners: tuple[tuple[int | None, ...], ...]
-
-
-def _merge_classes(counts: dict[int, int], devices: int, bound: int) -> dict[int, int]:
-    """Maps each size to the (equal or larger) size it is decomposed at, so that per device at most
-    ``bound`` slots are needed: while the stacks need more, the merge of one size into the next
-    larger one that adds the least padded work (``n·(d'³ − d³)``) among those that save a slot (any
-    merge if none does) is made."""
-    target = {d: d for d in counts}
-    classes = dict(counts)
-
-    def slots(cls):
-        return sum(-(-n // devices) for n in cls.values())
-
-    while slots(classes) > bound and len(classes) > 1:
-        sizes = sorted(classes)
-        options = []
-        for small, big in zip(sizes, sizes[1:]):
-            merged = dict(classes)
-            merged[big] += merged.pop(small)
-            options.append((slots(merged) >= slots(classes), classes[small] * (big**3 - small**3), small, big))
-        _, _, small, big = min(options)
-        classes[big] += classes.pop(small)
-        for d, t in target.items():
-            if t == small:
-                target[d] = big
-    return target
-
-
-def balance(sizes: Sequence[int], devices: int) -> list[SizeClass]:
-    """Assigns ``d × d`` decompositions (``sizes``) to ``devices``, balanced by cost ``d³``.
-
-    Matrices of one size form a stack of ``⌈n/devices⌉`` slots per device (merged into a larger size
-    where needed to keep ``Σ slots ≤ ⌈F/devices⌉ + 2``, see :func:`_merge_classes`). Largest first,
-    each matrix goes to the least loaded device (its real ``d³`` so far; ties: lowest index) that has
-    a free slot in its stack.
-    """
-    counts: dict[int, int] = {}
-    for d in sizes:
-        counts[d] = counts.get(d, 0) + 1
-    bound = -(-len(sizes) // devices) + 2
-    target = _merge_classes(counts, devices, bound)
-    members: dict[int, list[int]] = {}
-    for k, d in enumerate(sizes):
-        members.setdefault(target[d], []).append(k)
-    load = [0] * devices
-    classes = []
-    for size in sorted(members, reverse=True):
-        slots = -(-len(members[size]) // devices)
-        owners: list[list[int | None]] = [[] for _ in range(devices)]
-        for k in sorted(members[size], key=lambda k: (-sizes[k], k)):
-            device = min((dev for dev in range(devices) if len(owners[dev]) < slots), key=lambda dev: (load[dev], dev))
-            owners[device].append(k)
-            load[device] += sizes[k] ** 3
-        classes.append(SizeClass(size, slots, tuple(tuple(o + [None] * (slots - len(o))) for o in owners)))
-    return classes
-
-
-def _padded(mat: jax.Array, size: int, pad_value: float) -> jax.Array:
-    """``diag(mat, pad_value · I)`` of ``size × size``."""
-    extra = size - mat.shape[-1]
-    if not extra:
-        return mat
-    tail = jnp.concatenate([jnp.zeros(mat.shape[-1], mat.dtype), jnp.full(extra, pad_value, mat.dtype)])
-    return jnp.pad(mat, ((0, extra), (0, extra))) + jnp.diag(tail)
-
-
-def _decompose_local(decompose, block: jax.Array) -> jax.Array:
-    """Inside ``shard_map``: this device's ``[1, slots, d, d]`` share, one unbatched call per matrix."""
-    lanes = _linalg.Lanes(_lapack_lanes.lane_count())
-    return jnp.stack([lanes.run(decompose, block[0, j]) for j in range(block.shape[1])])[None]
-
-
-class MeshDecomposer(_linalg.Decomposer):
-    """Decompositions spread over a :class:`Placement`'s devices (see the module docstring)."""
-
-    def __init__(self, where: Placement):
-        self._where = where
-        self._names = tuple(name for name, _ in where.axes)
-
-    def _spread(self, decompose, pad_value: float, mats: Sequence[jax.Array]) -> list[jax.Array]:
-        flat = [(i, s) for i, m in enumerate(mats) for s in range(m.shape[0]) if m.shape[-1]]
-        out: list[list[Any]] = [[None] * m.shape[0] for m in mats]
-        for i, m in enumerate(mats):  # 0 × 0 matrices: nothing to move
-            if not m.shape[-1]:
-                out[i] = [decompose(m[s]) for s in range(m.shape[0])]
-        devices, entry = self._where.size, self._names if len(self._names) > 1 else self._names[0]
-        decompose_share = jax.shard_map(
-            functools.partial(_decompose_local, decompose), in_specs=P(entry), out_specs=P(entry)
-        )
-        for cls in balance([mats[i].shape[-1] for i, _ in flat], devices):
-            dtype, eye = mats[0].dtype, jnp.eye(cls.size, dtype=mats[0].dtype)
-            stack = jnp.stack([eye if k is None else _padded(mats[flat[k][0]][flat[k][1]], cls.size, pad_value)
-                               for row in cls.owners for k in row]).astype(dtype)
-            stack = self._where.constrain(stack.reshape(devices, cls.slots, cls.size, cls.size), P(entry))
-            done = decompose_share(stack).reshape(devices * cls.slots, cls.size, cls.size)
-            for j, k in enumerate(k for row in cls.owners for k in row):
-                if k is not None:
-                    i, s = flat[k]
-                    d = mats[i].shape[-1]
-                    out[i][s] = done[j, :d, :d]
-        return [self._where.constrain(jnp.stack(o), P(None, *self._where.spec(m.shape[1:]))) for o, m in zip(out, mats)]
-
-    def eigh_descending(self, mats, fallbacks):
-        vecs = self._spread(_linalg.eigenvectors_descending, -1.0, mats)
-        return [jax.vmap(_linalg.finite_or)(v, f) for v, f in zip(vecs, fallbacks)]
-
-    def orthonormal(self, products, fallbacks, start_after=()):
-        del start_after  # the all-to-all orders the QRs after the products already
-        qs = self._spread(_linalg.orthonormal_factor, 1.0, products)
-        return [jax.vmap(_linalg.finite_or)(q, f) for q, f in zip(qs, fallbacks)]
 
 
 # ------------------------------------------------------------------------------------ public helper

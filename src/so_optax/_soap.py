@@ -32,11 +32,7 @@ Reference:
 
 from __future__ import annotations
 
-import functools
-import math
-import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -46,7 +42,7 @@ import optax
 
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative
-from so_optax import _control, _distribution, _linalg, _params
+from so_optax import _distribution, _params, _soap_step
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -54,12 +50,6 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 #: ``static_args`` to ``optax.inject_hyperparams`` (``max_precond_dim`` is the one that is required:
 #: it is an ``int`` and would otherwise be traced; the booleans and the string are static anyway).
 SOAP_STATIC_ARGS = ("max_precond_dim", "merge_dims", "precondition_1d", "data_format")
-
-
-# Leaves are stacked with their same-layout peers only if all their factors are at most this size
-# and they have at most this many elements (small tensors: batching saves per-op overhead).
-_STACK_MAX_DIM = 128
-_STACK_MAX_SIZE = 1 << 16
 
 
 class ScaleBySoapState(NamedTuple):
@@ -98,265 +88,6 @@ def _validate(learning_rate, **options) -> None:
         check_nonnegative("learning_rate", learning_rate)
 
 
-def _to_work(x: jax.Array, layout: SoapLayout) -> jax.Array:
-    if layout.permutation is not None:
-        x = jnp.transpose(x, layout.permutation)
-    return x.reshape(layout.work_shape)
-
-
-def _from_work(x: jax.Array, layout: SoapLayout) -> jax.Array:
-    x = x.reshape(layout.permuted_shape)
-    if layout.permutation is not None:
-        x = jnp.transpose(x, layout.inverse_permutation)
-    return x
-
-
-@dataclass(frozen=True)
-class _Hyper:
-    """The options of one :func:`soap` / :func:`scale_by_soap` transformation (numbers may be traced)."""
-
-    betas: tuple
-    shampoo_beta: Any
-    eps: Any
-    weight_decay: Any
-    precondition_frequency: Any
-    normalize_grads: bool
-    correct_bias: bool
-    learning_rate: Any
-
-    @property
-    def static_zero_decay(self) -> bool:
-        return isinstance(self.weight_decay, numbers.Real) and self.weight_decay == 0
-
-
-def _cast(x, dtype):
-    return jnp.asarray(x).astype(dtype)
-
-
-def _init_leaf(leaf, layout: SoapLayout):
-    """One parameter's ``(exp_avg, factors, bases)``: zeros, zero factors and identity bases."""
-    dtype = _linalg.compute_dtype(jnp.asarray(leaf).dtype)
-    dims = list(zip(layout.work_shape, layout.preconditioned))
-    return (
-        jnp.zeros(layout.work_shape, dtype),
-        tuple(jnp.zeros((d, d), dtype) if on else None for d, on in dims),
-        tuple(jnp.eye(d, dtype=dtype) if on else None for d, on in dims),
-    )
-
-
-def _groups(layouts, exp_avg) -> list:
-    """The leaves whose per-tensor math is identical, grouped: each group is one batched (vmapped)
-    computation (same work shape, preconditioned dims and compute dtype). Large tensors are not
-    stacked: their matmuls are big enough on their own and stacking would copy their factors, bases
-    and moments on every step."""
-    group_of: dict = {}
-    for k, (layout, m) in enumerate(zip(layouts, exp_avg)):
-        key = (layout.work_shape, layout.preconditioned, jnp.dtype(m.dtype))
-        if max(layout.factor_dims, default=0) > _STACK_MAX_DIM or m.size > _STACK_MAX_SIZE:
-            key = key + (k,)
-        group_of.setdefault(key, []).append(k)
-    return list(group_of.items())
-
-
-def _stack(key, members, grads, layouts, leaves, hp: _Hyper, ops: _linalg.Contractions) -> dict:
-    """One group's gradients, moments, bases and updated factors ``F ← β_s F + (1 − β_s) G_(i) G_(i)ᵀ``,
-    stacked along a new leading axis. ``leaves`` are the state's flat ``(exp_avg, exp_avg_sq, factors,
-    bases)``."""
-    _, precond, dtype, *_ = key
-    exp_avg, exp_avg_sq, factors, bases = leaves
-    if isinstance(hp.shampoo_beta, numbers.Real):
-        sb = _cast(hp.shampoo_beta if hp.shampoo_beta >= 0 else hp.betas[1], dtype)
-    else:
-        sb = jnp.where(_cast(hp.shampoo_beta, dtype) >= 0, _cast(hp.shampoo_beta, dtype), _cast(hp.betas[1], dtype))
-    g = jnp.stack([_to_work(grads[k], layouts[k]).astype(dtype) for k in members])
-    grams = jax.vmap(lambda x: ops.grams(x, precond))(g)
-    fac, bas = [], []
-    for axis, (on, new) in enumerate(zip(precond, grams)):
-        if not on:
-            fac.append(None)
-            bas.append(None)
-            continue
-        old = jnp.stack([factors[k][axis].astype(dtype) for k in members])
-        fac.append(sb * old + (1 - sb) * new)
-        bas.append(jnp.stack([bases[k][axis].astype(dtype) for k in members]))
-    return dict(
-        g=g,
-        m=jnp.stack([exp_avg[k].astype(dtype) for k in members]),
-        v=jnp.stack([exp_avg_sq[k].astype(dtype) for k in members]),
-        factors=tuple(fac),
-        bases=tuple(bas),
-    )
-
-
-def _adam_step(stacked, carry, hp: _Hyper, ops: _linalg.Contractions) -> list:
-    """Adam in the current bases: ``G' = G ×_i Q_iᵀ``, the moments, ``u = (m / (√v + ε)) ×_i Q_i``."""
-    out = []
-    for o, c in zip(stacked, carry):
-        dtype = o["g"].dtype
-        one = jnp.ones([], dtype)
-        beta1, beta2, epsilon = _cast(hp.betas[0], dtype), _cast(hp.betas[1], dtype), _cast(hp.eps, dtype)
-        gp = jax.vmap(ops.project)(o["g"], c["bases"])
-        m = beta1 * c["m"] + (one - beta1) * gp
-        v = beta2 * c["v"].reshape(gp.shape) + (one - beta2) * jnp.square(gp)
-        u = jax.vmap(ops.project_back)(m / (jnp.sqrt(v) + epsilon), c["bases"])
-        if hp.normalize_grads:
-            axes = tuple(range(1, u.ndim))
-            rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
-            u = u / (_cast(1e-30, dtype) + rms)
-        out.append(dict(c, m=m, v=v.reshape(c["v"].shape), u=u))
-    return out
-
-
-def _first_call(stacked, carry, decomposer: _linalg.Decomposer) -> list:
-    """The first call: every factor gets its eigenbasis (identity dims stay ``None``)."""
-    todo = [(k, axis) for k, o in enumerate(stacked) for axis, f in enumerate(o["factors"]) if f is not None]
-    tied = [_control.tied_to(o["factors"], c["bases"]) for o, c in zip(stacked, carry)]
-    found = decomposer.eigh_descending([tied[k][a] for k, a in todo], [carry[k]["bases"][a] for k, a in todo])
-    bases = [list(c["bases"]) for c in carry]
-    for (k, axis), q in zip(todo, found):
-        bases[k][axis] = q
-    return [dict(c, bases=tuple(b)) for c, b in zip(carry, bases)]
-
-
-def _refresh(stacks, factors, decomposer: _linalg.Decomposer, ops: _linalg.Contractions) -> list:
-    """Refresh of every stack: power iteration + QR per factor, permute ``v``, rotate ``m``.
-
-    ``stacks`` are the stacks' carries after the Adam step (``m``, ``v`` in the work shape,
-    ``bases``, ``u``) and ``factors`` their updated factors; returns their refreshed carries.
-    ``exp_avg`` is taken back to the original coordinates with the old bases and projected onto the
-    new ones; ``exp_avg_sq`` is permuted along each axis with the order of the refreshed basis.
-
-    It runs in three phases over all stacks: the matmuls (``m`` back to the original coordinates,
-    the power-iteration products), the QRs (``decomposer``), then the rest. With bounded lanes (a
-    multi-threaded LAPACK on a CPU) the QRs start after every matmul of the first phase, the Adam
-    step's included, and the third phase starts after the last QR, so LAPACK has the cores to itself.
-    """
-    originals = [jax.vmap(ops.project_back)(c["m"], c["bases"]) for c in stacks]
-    products = [  # per axis: (sorted products, order, old basis in that order) or None
-        tuple(None if q is None else _linalg.stacked_power_iteration_products(f, q) for f, q in zip(fac, c["bases"]))
-        for fac, c in zip(factors, stacks)
-    ]
-    todo = [(k, axis) for k, axes in enumerate(products) for axis, ax in enumerate(axes) if ax is not None]
-    new_qs = decomposer.orthonormal(
-        [products[k][a][0] for k, a in todo],
-        [products[k][a][2] for k, a in todo],
-        start_after=[c["u"] for c in stacks] + originals + [products[k][a][0] for k, a in todo],
-    )
-    new_bases = [[None] * len(c["bases"]) for c in stacks]
-    for (k, axis), q in zip(todo, new_qs):
-        new_bases[k][axis] = q
-    out = []
-    for c, original, axes, bases in zip(stacks, originals, products, new_bases):
-        v = c["v"]
-        for axis, ax in enumerate(axes):
-            if ax is not None:
-                v = jax.vmap(lambda x, o, a=axis: jnp.take(x, o, axis=a))(v, ax[1])
-        out.append(dict(c, m=jax.vmap(ops.project)(original, tuple(bases)), v=v, bases=tuple(bases)))
-    return out
-
-
-def _adam_and_refresh(stacked, carry, hp: _Hyper, decomposer: _linalg.Decomposer, ops: _linalg.Contractions):
-    """A refresh call: the Adam step in the current bases, then :func:`_refresh` of the stacks with bases."""
-    stepped = _adam_step(stacked, carry, hp, ops)
-    todo = [k for k, c in enumerate(stepped) if any(q is not None for q in c["bases"])]
-    stacks = [dict(stepped[k], v=stepped[k]["v"].reshape(stepped[k]["m"].shape)) for k in todo]
-    refreshed = _refresh(stacks, [stacked[k]["factors"] for k in todo], decomposer, ops)
-    out = list(stepped)
-    for k, c in zip(todo, refreshed):
-        out[k] = dict(c, v=c["v"].reshape(stepped[k]["v"].shape))
-    return out
-
-
-def _branches(stacked, count, hp: _Hyper, where: _distribution.Placement, ops: _linalg.Contractions) -> list:
-    """Runs exactly one of three in-place branches (``_control.run_if``) and returns the stacks' ``m``,
-    ``v``, ``bases`` and direction ``u``.
-
-    The first call builds the bases; a refresh call takes the Adam step in the current bases and then
-    refreshes them; any other call takes the Adam step alone. ``u`` is carried through the branches
-    (zero on the first call). Taking the Adam step inside the branches rather than before them lets
-    XLA update the moments and bases in their donated buffers: a basis read outside a loop that
-    rewrites it is copied on every call. On one device ``v`` is carried flat, which keeps it row-major
-    through the loops (the refresh's permutation along an axis otherwise makes XLA pick a transposed
-    loop layout and transpose ``v`` on every call); a sharded ``v`` keeps its shape (flattening one
-    split along another axis than its first would move it between devices).
-    """
-    first = count == 0
-    refresh = jnp.logical_and(~first, jnp.remainder(count, hp.precondition_frequency) == 0)
-    carry = []
-    for o in stacked:
-        v = o["v"].reshape(len(o["v"]), math.prod(o["v"].shape[1:])) if where.size == 1 else o["v"]
-        carry.append(dict(m=o["m"], v=v, bases=o["bases"], u=jnp.zeros_like(o["g"])))
-    pin = where.store_stacked  # the carry stays where the state lives
-
-    def first_fn(c):
-        return pin(_first_call(stacked, pin(c), where.decomposer()))
-
-    def refresh_fn(c):
-        return pin(_adam_and_refresh(stacked, pin(c), hp, where.decomposer(), ops))
-
-    def adam_fn(c):
-        return pin(_adam_step(stacked, pin(c), hp, ops))
-
-    carry = _control.run_if(first, first_fn, pin(carry))
-    carry = _control.run_if(refresh, refresh_fn, carry)
-    carry = _control.run_if(~first & ~refresh, adam_fn, carry)
-    return [dict(c, v=c["v"].reshape(c["m"].shape)) for c in carry]
-
-
-def _direction(u, p, count, lr_now, dtype, hp: _Hyper):
-    """The returned direction of one leaf from its SOAP update ``u`` (bias-corrected), with decay."""
-    if hp.static_zero_decay:
-        return u
-    p = jnp.asarray(p).astype(dtype)
-    wd = jnp.where(count == 0, jnp.zeros([], dtype), _cast(hp.weight_decay, dtype))
-    if lr_now is None:
-        return u + wd * p  # AdamW ordering
-    # The reference decays the already-updated parameter: p1 = p - lr*d0, p2 = p1 - lr*wd*p1, i.e.
-    # direction d0 + wd*(p - lr*d0).
-    return u * (1 - _cast(lr_now, dtype) * wd) + wd * p
-
-
-def _update(hp: _Hyper, layout_of, where: _distribution.Placement, updates, state, params):
-    """One SOAP step (see :func:`scale_by_soap`): ``(directions, new state)``."""
-    grads, treedef = jax.tree.flatten(updates)
-    n = len(grads)
-    param_leaves = treedef.flatten_up_to(params) if params is not None else [None] * n
-    leaves = tuple(treedef.flatten_up_to(x) for x in (state.exp_avg, state.exp_avg_sq, state.factors, state.bases))
-    layouts = [layout_of(g.shape) for g in grads]
-    count = state.count
-    groups = _groups(layouts, leaves[0])
-    ops = where.contractions()
-    stacked = [_stack(key, members, grads, layouts, leaves, hp, ops) for key, members in groups]
-    results = _branches(stacked, count, hp, where, ops)
-
-    new = {name: [None] * n for name in ("exp_avg", "exp_avg_sq", "factors", "bases", "directions")}
-    t = jnp.maximum(count, 1)
-    lr_now = None
-    if hp.learning_rate is not None and not hp.static_zero_decay:
-        lr_now = hp.learning_rate(count) if callable(hp.learning_rate) else hp.learning_rate
-    b1, b2 = hp.betas
-    for ((_, _, dtype, *_), members), ops, res in zip(groups, stacked, results):
-        tf = t.astype(dtype)
-        if hp.correct_bias:
-            scale = jnp.sqrt(1 - jnp.power(_cast(b2, dtype), tf)) / (1 - jnp.power(_cast(b1, dtype), tf))
-        else:
-            scale = jnp.ones([], dtype)
-        for j, k in enumerate(members):
-            new["exp_avg"][k] = res["m"][j]
-            new["exp_avg_sq"][k] = res["v"][j]
-            new["factors"][k] = tuple(None if f is None else f[j] for f in ops["factors"])
-            new["bases"][k] = tuple(None if q is None else q[j] for q in res["bases"])
-            u = scale * _from_work(res["u"][j], layouts[k])  # u is zero on the first call
-            out_dtype = jnp.asarray(param_leaves[k]).dtype if params is not None else grads[k].dtype
-            new["directions"][k] = _direction(u, param_leaves[k], count, lr_now, dtype, hp).astype(out_dtype)
-
-    new_state = ScaleBySoapState(
-        count=optax.safe_increment(count),
-        **{name: treedef.unflatten(new[name]) for name in ("exp_avg", "exp_avg_sq", "factors", "bases")},
-    )
-    return treedef.unflatten(new["directions"]), new_state
-
-
 def _soap_transform(
     betas,
     shampoo_beta,
@@ -387,7 +118,7 @@ def _soap_transform(
         correct_bias=correct_bias,
     )
     mesh_axes = _distribution.check_mesh_axes(mesh_axes)
-    hp = _Hyper(tuple(betas), shampoo_beta, eps, weight_decay, precondition_frequency, normalize_grads,
+    hp = _soap_step.Hyper(tuple(betas), shampoo_beta, eps, weight_decay, precondition_frequency, normalize_grads,
                 correct_bias, learning_rate)
 
     def layout_of(shape) -> SoapLayout:
@@ -404,7 +135,7 @@ def _soap_transform(
         where = _distribution.placement(mesh_axes)
         where.check_tree(params, "params", mesh_axes)
         leaves, treedef = jax.tree.flatten(params)
-        per_leaf = [_init_leaf(x, layout_of(jnp.shape(x))) for x in leaves]
+        per_leaf = [_soap_step.init_leaf(x, layout_of(jnp.shape(x))) for x in leaves]
         exp_avg, factors, bases = ([leaf[i] for leaf in per_leaf] for i in range(3))
         state = ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
@@ -423,8 +154,12 @@ def _soap_transform(
         where = _distribution.placement(mesh_axes)
         where.check_tree(updates, "updates", mesh_axes)
         where.check_tree(params, "params", mesh_axes)
-        body = functools.partial(_update, hp, layout_of, where)
-        return where.run(body, (updates, state, params), updates_like=updates, state_like=state)
+
+        def body(updates, state, params, arrays):
+            directions, fields = _soap_step.update(hp.with_arrays(arrays), layout_of, where, updates, state, params)
+            return directions, ScaleBySoapState(**fields)
+
+        return where.run(body, (updates, state, params, hp.arrays()), updates_like=updates, state_like=state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import so_optax
-from so_optax import _distribution, _linalg
+from so_optax import _linalg, _mesh_linalg
 from tests.mesh.helpers import (
     bytes_per_device,
     full_spec,
@@ -160,7 +160,7 @@ def test_gpt_like_state_split_and_decompositions_spread():
     assert 0 < counts["syevd"] <= bound and 0 < counts["geqrf"] <= bound, (counts, bound)
     assert _bound_holds(state, 8)
     loads = [0] * 8
-    for cls in _distribution.balance(sizes, 8):
+    for cls in _mesh_linalg.balance(sizes, 8):
         for device, row in enumerate(cls.owners):
             loads[device] += sum(sizes[k] ** 3 for k in row if k is not None)
     assert max(loads) - sum(loads) / 8 <= max(sizes) ** 3, loads
@@ -179,7 +179,7 @@ def test_varied_sizes_merge_into_padded_stacks():
             got, _, hlo = trajectory(_tx(), params, grads, _FREQ + 3, lambda t: put(t, mesh, "replicated"), aot=True)
     assert max(max_rel_err(g, r) for g, r in zip(got, ref)) <= 1e-9
     assert lapack_calls(hlo) == {"syevd": 3, "geqrf": 3}
-    assert sorted(cls.size for cls in _distribution.balance([3, 3, 5, 5, 6, 6, 7, 7], 8)) == [3, 6, 7]
+    assert sorted(cls.size for cls in _mesh_linalg.balance([3, 3, 5, 5, 6, 6, 7, 7], 8)) == [3, 6, 7]
 
 
 def test_balance_plans():
@@ -187,13 +187,13 @@ def test_balance_plans():
     only when the bound needs it, and the largest matrices are spread first."""
     gpt = [96, 256, 128, 256] + [256, 768, 256, 256, 256, 1024, 1024, 256] * 4
     for sizes, devices in ((gpt, 8), (gpt, 4), (gpt, 2), ([3, 5, 6, 7, 9, 10, 11, 12, 13], 8), ([7] * 20, 8)):
-        plan = _distribution.balance(sizes, devices)
+        plan = _mesh_linalg.balance(sizes, devices)
         slots = [k for cls in plan for row in cls.owners for k in row if k is not None]
         assert sorted(slots) == list(range(len(sizes)))
         assert all(sizes[k] <= cls.size for cls in plan for row in cls.owners for k in row if k is not None)
         assert all(len(cls.owners) == devices and len(row) == cls.slots for cls in plan for row in cls.owners)
         assert sum(cls.slots for cls in plan) <= math.ceil(len(sizes) / devices) + 2
-    plan = {cls.size: cls for cls in _distribution.balance(gpt, 8)}  # 5 sizes in 7 slots: no merging
+    plan = {cls.size: cls for cls in _mesh_linalg.balance(gpt, 8)}  # 5 sizes in 7 slots: no merging
     assert sorted(plan) == [96, 128, 256, 768, 1024]
     assert all(len([k for k in row if k is not None]) == 1 for row in plan[1024].owners)
     # the devices without a 768 take the 256s first
@@ -206,10 +206,10 @@ def test_padded_decompositions_are_exact():
     rng = np.random.RandomState(3)
     a = rng.randn(5, 5)
     f, p = a @ a.T, rng.randn(5, 5)
-    vecs = _linalg.eigenvectors_descending(_distribution._padded(jnp.asarray(f), 8, -1.0))
+    vecs = _linalg.eigenvectors_descending(_mesh_linalg._padded(jnp.asarray(f), 8, -1.0))
     want = np.linalg.eigh(f)[1][:, ::-1]
     np.testing.assert_allclose(np.abs(np.asarray(vecs)[:5, :5].T @ want), np.eye(5), atol=1e-5)  # up to signs
-    q = np.asarray(_linalg.orthonormal_factor(_distribution._padded(jnp.asarray(p), 8, 1.0)))
+    q = np.asarray(_linalg.orthonormal_factor(_mesh_linalg._padded(jnp.asarray(p), 8, 1.0)))
     np.testing.assert_allclose(q[:5, :5], np.linalg.qr(p)[0], atol=1e-5)
     np.testing.assert_allclose(q[5:, 5:], np.eye(3), atol=1e-6)
 
@@ -278,3 +278,39 @@ def test_state_shardings_before_init(kind):
     assert specs(state[0].factors["odd"]) == (P(None, None),) * 2
     with pytest.raises(ValueError, match="mesh"):
         so_optax.state_shardings(tx, params)
+
+
+def test_lapack_runs_one_thread_when_simulated_devices_decompose_at_once(monkeypatch):
+    """Several CPU devices in one process decomposing at once with a multi-threaded LAPACK: the limit to
+    one thread is set once, with a warning that says how to avoid it (here LAPACK already runs one thread,
+    so its count and the limit are stubbed)."""
+    from so_optax import _lapack_lanes
+
+    limits = []
+    monkeypatch.setattr(_lapack_lanes, "_limit", None)
+    monkeypatch.setattr(_lapack_lanes, "lapack_threads", lambda default: 2)
+    monkeypatch.setattr("threadpoolctl.threadpool_limits", lambda **kw: limits.append(kw) or kw)
+    mesh = make_mesh((8,), ("fsdp",), "Auto")
+    with jax.set_mesh(mesh), pytest.warns(RuntimeWarning, match="OPENBLAS_NUM_THREADS=1"):
+        jax.jit(_tx().update).lower(*(lambda p: (p, jax.jit(_tx().init)(p), p))({"w": jnp.ones((8, 8))}))
+    assert limits == [dict(limits=1, user_api="blas")]
+    with jax.set_mesh(mesh):  # once per process
+        jax.jit(_tx().update).lower(*(lambda p: (p, jax.jit(_tx().init)(p), p))({"w": jnp.ones((8, 8))}))
+    assert len(limits) == 1
+
+
+def test_injected_hyperparameters_on_an_explicit_mesh():
+    """optax.inject_hyperparams (traced options) works on an Explicit mesh, with one device's numbers."""
+    shapes = {"sq": (16, 16)}
+    params, grads = _problem(shapes, seed=4)
+
+    def tx():
+        return optax.chain(optax.inject_hyperparams(so_optax.soap, static_args=so_optax.SOAP_STATIC_ARGS)(
+            precondition_frequency=2, weight_decay=0.1, eps=1e-6, learning_rate=1e-2), optax.scale(-1e-2))
+
+    with jax.enable_x64(True):
+        ref, _, _ = trajectory(tx(), params, grads, 4)
+        mesh = make_mesh((8,), ("fsdp",), "Explicit")
+        with jax.set_mesh(mesh):
+            got, _, _ = trajectory(tx(), params, grads, 4, lambda t: put(t, mesh, "rows"))
+    assert max(max_rel_err(g, r) for g, r in zip(got, ref)) <= 1e-9

@@ -106,26 +106,32 @@ def test_matches_one_device(one_device, estimator, shape, names, kind):
     assert len(held) == devices and max(held.values()) == sum(a.nbytes for a in jax.tree.leaves(moments)) / devices
 
 
-@pytest.mark.parametrize("kind", ["Explicit", "Auto"])
-def test_labels_and_probes_are_one_devices(kind):
-    """The GNB labels sampled from batch-split logits and the Hutchinson probes drawn for split parameters
-    are bit for bit those of one device, for the same key (jax_threefry_partitionable)."""
-    assert jax.config.jax_threefry_partitionable
+@pytest.fixture(scope="module")
+def one_device_draws():
     key = jax.random.PRNGKey(3)
     logits = jax.random.normal(jax.random.PRNGKey(4), (16, 8, 10))
     params = {"w": jnp.ones((16, 24)), "b": jnp.ones(24)}
-    want_labels = jax.jit(_hessian_estimators.default_sample_labels)(key, logits)
-    want_probe = jax.jit(_hessian_estimators.sample_probe)(key, params)
+    return dict(key=key, logits=logits, params=params,
+                labels=jax.jit(_hessian_estimators.default_sample_labels)(key, logits),
+                probe=jax.jit(_hessian_estimators.sample_probe)(key, params))
+
+
+@pytest.mark.parametrize("kind", ["Explicit", "Auto"])
+def test_labels_and_probes_are_one_devices(one_device_draws, kind):
+    """The GNB labels sampled from batch-split logits and the Hutchinson probes drawn for split parameters
+    are bit for bit those of one device, for the same key (jax_threefry_partitionable)."""
+    assert jax.config.jax_threefry_partitionable
+    d = one_device_draws
     mesh = make_mesh((8,), ("fsdp",), kind)
     with jax.set_mesh(mesh):
-        split_logits = jax.device_put(logits, NamedSharding(mesh, P("fsdp")))
-        labels = jax.jit(_hessian_estimators.default_sample_labels)(key, split_logits)
-        probe = jax.jit(_hessian_estimators.sample_probe)(key, put(params, mesh, "cols"))
+        split_logits = jax.device_put(d["logits"], NamedSharding(mesh, P("fsdp")))
+        labels = jax.jit(_hessian_estimators.default_sample_labels)(d["key"], split_logits)
+        probe = jax.jit(_hessian_estimators.sample_probe)(d["key"], put(d["params"], mesh, "cols"))
         if kind == "Explicit":  # each device draws its own part
             assert specs(labels) == P("fsdp", None)
             assert specs(probe) == {"w": P(None, "fsdp"), "b": P("fsdp")}
-    np.testing.assert_array_equal(labels, want_labels)
-    jax.tree.map(np.testing.assert_array_equal, probe, want_probe)
+    np.testing.assert_array_equal(labels, d["labels"])
+    jax.tree.map(np.testing.assert_array_equal, probe, d["probe"])
 
 
 def test_bad_mesh_axes_raise_naming_them():
