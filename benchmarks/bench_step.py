@@ -13,11 +13,11 @@ number in ``benchmarks/results/<name>.json`` (``<name>`` defaults to the device,
 
 What is measured
 ----------------
-*Workload.* The parameter shapes of the small GPT in ``../shared/bench/shapes.py`` (d=256, 4 layers,
-3.2 M parameters), all float32. Optimizer-only benchmarks feed fixed random gradients of those shapes,
-cycling among ``GRAD_SETS`` pre-generated sets so that SOAP's Kronecker factors stay full rank and well
-conditioned. Training-step benchmarks run the same GPT (written below, once in JAX and once in torch)
-forward and backward on a fixed batch.
+*Workload.* The 52 parameter tensors of a small GPT (``GPT``: d=256, 4 layers, 96-character vocabulary,
+context 128, MLP width 1024; 3.2 M parameters; :func:`gpt_shapes`), all float32. Optimizer-only benchmarks
+feed fixed random gradients of those shapes, cycling among ``GRAD_SETS`` pre-generated sets so that SOAP's
+Kronecker factors stay full rank and well conditioned. Training-step benchmarks run the same GPT (written
+below, once in JAX and once in torch) forward and backward on a fixed batch.
 
 *Timing.* Every step is timed on its own (JAX: ``block_until_ready`` on params and state after each
 step; torch on CPU is synchronous). After a warm-up that contains at least one refresh (and, for JAX,
@@ -106,7 +106,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED_BENCH = REPO.parent / "shared" / "bench"
 GRAD_SETS = 4
 FACTOR_SEED = 0
 # The SOAP table's settings (the seed's hyperparameters), shared with the diagnostic scripts.
@@ -125,23 +124,15 @@ def _setup_paths() -> None:
         sys.path.insert(0, str(src))  # benchmark the working tree
 
 
-def load_shapes_module():
-    """Imports the shared workload ``shapes.py`` (``$SO_BENCH_SHAPES_DIR`` or ``<repo>/../shared/bench``)."""
-    where = Path(os.environ.get("SO_BENCH_SHAPES_DIR", SHARED_BENCH))
-    if not (where / "shapes.py").is_file():
-        raise SystemExit(
-            f"bench_step: the shared workload {where / 'shapes.py'} is missing; it lists the parameter "
-            "shapes of the benchmark GPT. Set SO_BENCH_SHAPES_DIR to the folder that holds shapes.py."
-        )
-    if str(where) not in sys.path:
-        sys.path.insert(0, str(where))
-    import shapes  # noqa: PLC0415
-
-    return shapes
+#: The benchmark GPT: model width D, L layers, V-token vocabulary, MLP width F, context T.
+GPT = dict(D=256, L=4, V=96, F=1024, T=128)
+#: A reduced set for the smoke test.
+TINY = dict(D=32, L=1, V=16, F=64, T=16)
 
 
 def gpt_shapes(D: int, L: int, V: int, F: int, T: int) -> list[tuple[int, ...]]:
-    """Parameter shapes of the benchmark GPT, in the order of shapes.py (also the model's order)."""
+    """Parameter shapes of the benchmark GPT, in the model's order: token and position embeddings; per layer
+    ln1 (gain, bias), qkv (weight, bias), attention projection, ln2, fc1, fc2; the final ln."""
     s: list[tuple[int, ...]] = [(V, D), (T, D)]
     for _ in range(L):
         s += [(D,), (D,), (D, 3 * D), (3 * D,), (D, D), (D,), (D,), (D,), (D, F), (F,), (F, D), (D,)]
@@ -150,16 +141,10 @@ def gpt_shapes(D: int, L: int, V: int, F: int, T: int) -> list[tuple[int, ...]]:
 
 
 def make_workload(name: str) -> dict[str, Any]:
-    if name == "tiny":  # a reduced set for the smoke test
-        cfg = dict(D=32, L=1, V=16, F=64, T=16)
-        return dict(name="tiny", cfg=cfg, shapes=gpt_shapes(**cfg), model_ok=True, source="built-in tiny")
-    mod = load_shapes_module()
-    shp = [tuple(int(d) for d in s) for s in mod.shapes()]
-    cfg = dict(D=mod.D, L=mod.L, V=mod.V, F=mod.F, T=shp[1][0])
-    ok = gpt_shapes(**cfg) == shp
-    if not ok:
-        _status("warning: shapes.py no longer matches the built-in GPT; training-step benchmarks skipped")
-    return dict(name="gpt", cfg=cfg, shapes=shp, model_ok=ok, source=str(Path(mod.__file__).resolve()))
+    """The workload ``name`` (``'gpt'`` or ``'tiny'``): its configuration and parameter shapes."""
+    cfg = dict(GPT if name == "gpt" else TINY)
+    source = "bench_step.GPT" if name == "gpt" else "bench_step.TINY"
+    return dict(name=name, cfg=cfg, shapes=gpt_shapes(**cfg), source=source)
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -505,7 +490,7 @@ def run_torch_opt(desc, make_opt, shapes, n_warm, n_steps, cycle, first_kwargs=N
 
 
 def jax_gpt(cfg):
-    """(init, logits_fn, loss_fn) of the GPT, params a list in shapes.py order."""
+    """(init, logits_fn, loss_fn) of the GPT, params a list in :func:`gpt_shapes` order."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -988,7 +973,10 @@ def suite_sophia_opt(S: Suite, wl, steps: int) -> None:
 
     def ours_torch():
         Sophia = _need("torch_bridge.Sophia")
-        return run_torch_opt("torch_bridge.Sophia", lambda ps: Sophia(ps, lr=lr, k=never), shapes, n_warm, n_steps, 10)
+        # 'manual': the step without an estimator (no logits needed); the same steps as 'gnb' without refreshes
+        return run_torch_opt("torch_bridge.Sophia",
+                             lambda ps: Sophia(ps, lr=lr, k=never, hessian_computation_type="manual"),
+                             shapes, n_warm, n_steps, 10)
 
     def sophiah_torch():
         import torch  # noqa: PLC0415
@@ -1327,7 +1315,7 @@ def parse_args(argv=None):
                         "best round; default 3, --quick 1")
     p.add_argument("--batch", type=int, default=None, help="training-step batch (sequences); default 8, --quick 2")
     p.add_argument("--workload", choices=("gpt", "tiny"), default="gpt",
-                   help="gpt: shapes.py's small GPT (default); tiny: a reduced set for smoke tests")
+                   help="gpt: the small GPT of GPT (default); tiny: a reduced set for smoke tests")
     p.add_argument("--heavyball-compile", default="off",
                    help="heavyball's torch.compile mode: off (eager, default), default, max-autotune-no-cudagraphs")
     p.add_argument("--filter", default=None,
@@ -1412,8 +1400,7 @@ def main(argv=None) -> int:
         suite_soap(S, wl, steps, reps)
     if args.only in (None, "sophia"):
         suite_sophia_opt(S, wl, steps)
-        if wl["model_ok"]:
-            suite_sophia_train(S, wl, steps, batch)
+        suite_sophia_train(S, wl, steps, batch)
     write_report()
     return 0
 

@@ -21,6 +21,12 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
 
 
+def check_learning_rate(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value >= 0`` (and finite), in the words of torch's optimizers."""
+    if is_number(value) and not (0.0 <= value < float("inf")):
+        raise ValueError(f"Invalid learning rate: {name}={value!r} (must be a finite number >= 0)")
+
+
 def check_positive(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless ``value > 0`` (and finite)."""
     if is_number(value) and not (0.0 < value < float("inf")):

@@ -1,5 +1,6 @@
 """so_optax: second-order optimizers (SOAP, Sophia) as optax gradient transformations."""
 
+from so_common import __version__
 from so_optax._distribution import state_shardings
 from so_optax._hessian_estimators import (
     GNBState,
@@ -13,6 +14,7 @@ from so_optax._soap import SOAP_STATIC_ARGS, ScaleBySoapState, scale_by_soap, so
 from so_optax._sophia import SOPHIA_STATIC_ARGS, SophiaClipRule, SophiaState, sophia, sophia_win_rate
 
 __all__ = [
+    "__version__",
     "SOAP_STATIC_ARGS",
     "ScaleBySoapState",
     "scale_by_soap",

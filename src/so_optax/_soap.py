@@ -42,7 +42,7 @@ import optax
 
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 from so_common.validation import check_nonnegative
-from so_optax import _distribution, _params, _soap_step
+from so_optax import _distribution, _factories, _params, _soap_step
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -82,10 +82,10 @@ def _is_traced(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
 
 
-def _validate(learning_rate, **options) -> None:
+def _validate(post_step_decay_lr, **options) -> None:
     check_soap_options(traced=_is_traced, **options)
-    if learning_rate is not None and not callable(learning_rate):
-        check_nonnegative("learning_rate", learning_rate)
+    if post_step_decay_lr is not None and not callable(post_step_decay_lr):
+        check_nonnegative("post_step_decay_lr", post_step_decay_lr)
 
 
 def _soap_transform(
@@ -164,7 +164,9 @@ def _soap_transform(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_factories.keyword_only("scale_by_soap")
 def scale_by_soap(
+    *,
     betas: tuple[float, float] = (0.95, 0.95),
     shampoo_beta: float = -1,
     eps: float = 1e-8,
@@ -175,7 +177,6 @@ def scale_by_soap(
     normalize_grads: bool = False,
     data_format: str = "channels_first",
     correct_bias: bool = True,
-    *,
     mesh_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by SOAP's preconditioner (no weight decay, no learning rate).
@@ -240,7 +241,13 @@ def scale_by_soap(
     )
 
 
+@_factories.keyword_only(
+    "soap",
+    notes={"learning_rate": "To apply the weight decay after the step, as the reference implementation does, "
+                            "pass the chain's learning rate (or schedule) as post_step_decay_lr= as well."},
+)
 def soap(
+    *,
     betas: tuple[float, float] = (0.95, 0.95),
     shampoo_beta: float = -1,
     eps: float = 1e-8,
@@ -252,8 +259,7 @@ def soap(
     normalize_grads: bool = False,
     data_format: str = "channels_first",
     correct_bias: bool = True,
-    learning_rate: ScalarOrSchedule | None = None,
-    *,
+    post_step_decay_lr: ScalarOrSchedule | None = None,
     mesh_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformation:
     r"""The SOAP optimizer's descent direction, with decoupled weight decay.
@@ -264,13 +270,17 @@ def soap(
     ``p_new = p − lr · d``. With ``u`` the (bias-corrected) SOAP update of :func:`scale_by_soap`
     and ``λ = weight_decay``:
 
-    * ``learning_rate=None``: ``d = u + λ p`` (AdamW's decoupled decay,
+    * ``post_step_decay_lr=None``: ``d = u + λ p`` (AdamW's decoupled decay,
       ``p_new = p − lr·u − lr·λ·p``);
-    * ``learning_rate`` given (a float or a schedule of the call count, 0 at the first call, the
-      counter of ``optax.scale_by_learning_rate``): ``d = u + λ (p − lr·u)``, so that
-      ``p_new = p₁ − lr·λ·p₁`` with ``p₁ = p − lr·u``: the reference implementation's order (decay
-      of the already-updated parameter). The same ``lr`` must be used in the chain. The two
-      conventions differ by a relative ``lr·λ`` in the decay term.
+    * ``post_step_decay_lr=lr`` (the chain's learning rate: a float, or a schedule of the call count,
+      0 at the first call, the counter of ``optax.scale_by_learning_rate``): ``d = u + λ (p − lr·u)``,
+      so that ``p_new = p₁ − lr·λ·p₁`` with ``p₁ = p − lr·u``: the reference implementation's order
+      (decay of the already-updated parameter). It does not scale the step: the chain still needs
+      ``optax.scale(-lr)`` with the same ``lr``. The two conventions differ by a relative ``lr·λ`` in
+      the decay term.
+
+    All options are keyword-only. A positional argument (``soap(1e-3)``, the ``optax.adamw(lr)``
+    habit), ``lr=`` or ``learning_rate=`` raises a ``TypeError`` that shows the chain.
 
     The first call only builds the preconditioner: its direction is zero (no decay either).
 
@@ -288,8 +298,8 @@ def soap(
       data_format: ``'channels_first'`` (NCHW) or ``'channels_last'`` (NHWC), for 4-D tensors
         with ``merge_dims``.
       correct_bias: apply Adam's bias correction.
-      learning_rate: optional; only used to reproduce the reference's post-step weight decay
-        exactly (see above).
+      post_step_decay_lr: optional; the chain's learning rate (or schedule), given only to apply the
+        weight decay after the step exactly as the reference implementation does (see above).
       mesh_axes: under ``jax.set_mesh(mesh)``, the axes (a name or a tuple of names) over which the
         optimizer may spread its state and its eigh/QR work; default ``None``: every axis. Each state
         array is split over them (a ``d × d`` factor by rows where the device count divides ``d``)
@@ -313,12 +323,12 @@ def soap(
       True
 
     With schedules or injected hyperparameters (numeric options ``eps``, ``weight_decay``,
-    ``shampoo_beta``, ``learning_rate``, ``precondition_frequency`` may be traced)::
+    ``shampoo_beta``, ``post_step_decay_lr``, ``precondition_frequency`` may be traced)::
 
       opt = optax.inject_hyperparams(so_optax.soap, static_args=so_optax.SOAP_STATIC_ARGS)(
-          learning_rate=schedule, weight_decay=0.01)
+          post_step_decay_lr=schedule, weight_decay=0.01)
       # then chain with optax.scale_by_learning_rate(schedule), or read
-      # state.hyperparams['learning_rate']. For bf16 parameters pass
+      # state.hyperparams['post_step_decay_lr']. For bf16 parameters pass
       # hyperparam_dtype=jnp.float32, otherwise the injected values are rounded to bf16.
 
     References:
@@ -337,6 +347,6 @@ def soap(
         normalize_grads,
         data_format,
         correct_bias,
-        learning_rate,
+        post_step_decay_lr,
         mesh_axes,
     )

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from so_common import validation
-from so_optax import _distribution, _params
+from so_optax import _distribution, _factories, _params
 from so_optax import _hessian_estimators as _est
 
 __all__ = ["SOPHIA_STATIC_ARGS", "SophiaClipRule", "SophiaState", "sophia", "sophia_win_rate"]
@@ -215,14 +215,15 @@ def sophia_win_rate(opt_state: Any) -> jax.Array:
     return found[0].win_rate
 
 
+@_factories.keyword_only("sophia")
 def sophia(
+    *,
     betas: tuple[float, float] = (0.9, 0.999),
     rho: float = 0.03,
     weight_decay: float = 0.0,
     k: int = 10,
     estimator: str | optax.GradientTransformation = "gnb",
     eps: float = 1e-12,
-    *,
     form: str = "seed",
     gamma: float = 0.01,
     bias_correction: bool = False,
@@ -234,7 +235,9 @@ def sophia(
 
     Returns the *direction* ``d``; compose with a learning rate,
     ``optax.chain(so_optax.sophia(...), optax.scale(-lr))`` (or
-    ``optax.scale_by_learning_rate(schedule)``), for the parameter update ``p ← p − lr·d``.
+    ``optax.scale_by_learning_rate(schedule)``), for the parameter update ``p ← p − lr·d``. All
+    options are keyword-only: a positional argument, ``lr=`` or ``learning_rate=`` raises a
+    ``TypeError`` that shows the chain.
 
     At call ``t = 1, 2, ...`` with gradient ``g``::
 

@@ -5,7 +5,9 @@
   (Liu et al., 2023, arXiv:2305.14342).
 """
 
+from so_common import __version__
+
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["SOAP", "Sophia"]
+__all__ = ["__version__", "SOAP", "Sophia"]

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from so_common import validation
 from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
 
 from ._linalg import (
@@ -25,7 +24,7 @@ from ._linalg import (
     refresh_basis,
     update_factors,
 )
-from ._params import add_checked_param_group
+from ._params import add_checked_param_group, check_lr, scalar
 
 __all__ = ["SOAP"]
 
@@ -49,7 +48,7 @@ _DEFAULTS: dict[str, Any] = {
 
 def _validate(options: dict[str, Any]) -> None:
     """Raises ``ValueError`` naming the first invalid hyperparameter in ``options``."""
-    validation.check_nonnegative("lr", options["lr"])
+    check_lr(options["lr"])
     check_soap_options(**{name: options[name] for name in _DEFAULTS if name != "lr"})
 
 
@@ -205,32 +204,43 @@ class SOAP(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict, keeping the state's own dtypes; a checkpoint of the seed's SOAP loads too.
+        """Loads a state dict, keeping the state's own dtypes; a checkpoint of the reference SOAP loads too.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter dtype;
         SOAP's moments, factors and bases must stay float32 (or wider) for bf16/fp16 parameters, so they
         are restored with their saved dtype, moved to the parameter's device. A parameter state saved by
-        the seed implementation (an ``int`` step) is converted to this class's layout; options its param
-        groups do not hold (the seed's ``data_format``) keep the values this optimizer was built with.
+        the reference implementation (an ``int`` step and its own ``precondition_frequency``) is converted
+        to this class's layout; options its param groups do not hold (its ``data_format``) keep the values
+        this optimizer was built with. Hooks registered with ``register_load_state_dict_pre_hook`` /
+        ``register_load_state_dict_post_hook`` run as in ``torch.optim.Optimizer``: the state restored here
+        is the one the pre-hooks returned, and the post-hooks see (and may change) the restored state.
         """
-        saved_state = state_dict["state"]
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        # An option the checkpoint lacks keeps this optimizer's value (the seed holds data_format outside
-        # its param groups), not the class default that __setstate__ fills in.
-        groups = [dict(saved) for saved in state_dict["param_groups"]]
-        for saved, current in zip(groups, self.param_groups):
-            for key, value in current.items():
-                saved.setdefault(key, value)
-        super().load_state_dict(dict(state_dict, param_groups=groups))
-        for pid, (p, group) in zip(saved_ids, ((p, g) for g in self.param_groups for p in g["params"])):
-            if pid in saved_state:
-                state = {
-                    key: _restore(value, torch.device("cpu") if key == _STEP else p.device)
-                    for key, value in saved_state[pid].items()
-                }
-                if not torch.is_tensor(state.get(_STEP)):
-                    state = _from_seed_state(state, _group_layout(p, group), compute_dtype(p.dtype))
-                self.state[p] = state
+        loaded: dict[str, Any] = {}
+
+        def prepare(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:  # after the user's pre-hooks
+            loaded["state"] = state_dict["state"]
+            loaded["ids"] = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+            # An option the checkpoint lacks keeps this optimizer's value (the reference holds data_format
+            # outside its param groups), not the class default that __setstate__ fills in.
+            groups = [dict(saved) for saved in state_dict["param_groups"]]
+            for saved, current in zip(groups, optimizer.param_groups):
+                for key, value in current.items():
+                    saved.setdefault(key, value)
+            return dict(state_dict, param_groups=groups)
+
+        def restore(optimizer: SOAP) -> None:  # before the user's post-hooks
+            members = ((p, g) for g in optimizer.param_groups for p in g["params"])
+            for pid, (p, group) in zip(loaded["ids"], members):
+                if pid in loaded["state"]:
+                    optimizer.state[p] = _restored_state(loaded["state"][pid], p, group)
+
+        pre = self.register_load_state_dict_pre_hook(prepare)
+        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -292,7 +302,7 @@ class SOAP(Optimizer):
         torch._foreach_reciprocal_(ratios)
         torch._foreach_mul_(ratios, exp_avgs)
 
-        lr = group["lr"]
+        lr = scalar(group["lr"])
         for p, s, ratio, layout in zip(params, states, ratios, layouts):
             direction = _from_work(project_back(ratio, s[_Q]), layout)
             if group["normalize_grads"]:
@@ -345,6 +355,16 @@ def _refresh(state: dict[str, Any]) -> None:
     state[_Q] = new_bases
     state[_EXP_AVG_SQ] = exp_avg_sq
     state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
+
+
+def _restored_state(saved: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved parameter state on ``p``'s device with its own dtypes, in this class's layout."""
+    state = {key: _restore(value, torch.device("cpu") if key == _STEP else p.device) for key, value in saved.items()}
+    if "precondition_frequency" in state or "shampoo_beta" in state:  # only the reference keeps these per state
+        return _from_seed_state(state, _group_layout(p, group), compute_dtype(p.dtype))
+    if _STEP in state and not torch.is_tensor(state[_STEP]):  # a checkpoint with a plain-number step
+        state[_STEP] = torch.tensor(int(state[_STEP]), dtype=torch.int64)
+    return state
 
 
 def _from_seed_state(state: dict[str, Any], layout: SoapLayout, dtype: torch.dtype) -> dict[str, Any]:

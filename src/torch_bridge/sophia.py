@@ -20,13 +20,23 @@ from torch_bridge._hessian_estimators import (
     hutchinson_hessian_diagonal,
     sample_labels,
 )
-from torch_bridge._params import add_checked_param_group
+from torch_bridge._params import add_checked_param_group, check_lr, scalar
 
 __all__ = ["Sophia"]
 
 _ESTIMATORS = ("gnb", "hutchinson", "manual")
 _FORMS = ("seed", "paper")
 _PROBES = ("gaussian", "rademacher")
+
+_MISSING_LOGITS = (
+    "Sophia (gnb) needs `logits` at every step (the estimate uses them on refresh steps, every k-th): call "
+    "loss.backward(retain_graph=optimizer.refreshes_next_step()) then optimizer.step(logits=logits); for "
+    "estimates made by hand use hessian_computation_type='manual' and update_hessian()"
+)
+_MISSING_CLOSURE = (
+    "Sophia (hutchinson) needs `closure` at every step, a callable returning the loss (without calling "
+    "backward()): call optimizer.step(closure=closure)"
+)
 
 
 class Sophia(Optimizer):
@@ -94,7 +104,7 @@ class Sophia(Optimizer):
               return criterion(model(x), y)
           loss = optimizer.step(closure=closure)
 
-      Without a closure, ``p.grad`` is used on non-refresh steps; a refresh step then raises.
+      A step without a closure raises (it would need one at the next refresh).
 
     * ``'manual'``: :meth:`step` never estimates; the Hessian EMA changes only through
       :meth:`update_hessian` (the official SophiaG training loop)::
@@ -107,9 +117,9 @@ class Sophia(Optimizer):
               optimizer.update_hessian(batch_size=num_positions)
               optimizer.zero_grad()
 
-    A refresh step of ``'gnb'`` without ``logits`` or of ``'hutchinson'`` without ``closure`` raises a
-    ``ValueError`` naming the missing argument. The optimizer never keeps ``logits`` or any graph: the
-    GNB backward releases the graph behind ``logits``.
+    A step of ``'gnb'`` without ``logits`` or of ``'hutchinson'`` without ``closure`` raises a ``ValueError``
+    naming the missing argument at once, not only on the first refresh step (so a short smoke test sees it).
+    The optimizer never keeps ``logits`` or any graph: the GNB backward releases the graph behind ``logits``.
 
     Args:
       params: iterable of parameters or parameter groups.
@@ -308,13 +318,15 @@ class Sophia(Optimizer):
             ``backward()`` (the optimizer differentiates it for all parameters). If no group uses
             ``'hutchinson'`` the closure follows the torch convention (it computes the loss and calls
             ``backward()`` itself) and ``p.grad`` is used.
-          logits: model output with its graph; required on refresh steps of ``'gnb'`` groups.
+          logits: model output with its graph; required at every step of ``'gnb'`` groups (used on their
+            refresh steps).
           logits_mask: optional ``logits.shape[:-1]`` mask, ``True`` at real positions, ``False`` at
             padding positions (excluded from the GNB loss and from ``N``).
 
         Returns:
           The closure's loss, or ``None`` without a closure.
         """
+        self._check_step_arguments(closure, logits)
         loss = None
         groups = self.param_groups
         hutch_groups = [g for g in groups if g["hessian_computation_type"] == "hutchinson"]
@@ -342,12 +354,6 @@ class Sophia(Optimizer):
                     continue
                 if kind == "gnb":
                     gnb_refresh.append((p, group))
-                elif kind == "hutchinson" and p not in estimates:
-                    raise ValueError(
-                        "Sophia (hutchinson): this step refreshes the Hessian estimate and needs "
-                        "`closure`, a callable returning the loss (without calling backward()); "
-                        "call optimizer.step(closure=closure)"
-                    )
         if gnb_refresh:
             estimates.update(self._gnb_estimates(logits, logits_mask, gnb_refresh))
 
@@ -356,6 +362,18 @@ class Sophia(Optimizer):
         for group in groups:
             self._update_group(group, grad_of, estimates)
         return loss
+
+    def _check_step_arguments(self, closure: Callable | None, logits: torch.Tensor | None) -> None:
+        """A ``'gnb'`` group needs ``logits`` and a ``'hutchinson'`` group ``closure`` at every step that has a
+        parameter to train, as the JAX side needs ``logits_fn`` / ``obj_fn`` at every ``update``."""
+        for group in self.param_groups:
+            if not any(p.requires_grad for p in group["params"]):
+                continue
+            kind = group["hessian_computation_type"]
+            if kind == "gnb" and logits is None:
+                raise ValueError(_MISSING_LOGITS)
+            if kind == "hutchinson" and closure is None:
+                raise ValueError(_MISSING_CLOSURE)
 
     def _update_group(
         self,
@@ -372,7 +390,7 @@ class Sophia(Optimizer):
         allocations); elsewhere ``torch._foreach_*`` over the group (one launch per stage).
         """
         beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        lr, wd, eps = scalar(group["lr"]), group["weight_decay"], group["eps"]
         paper = group["form"] == "paper"
         params, grads, ms, hs, steps = [], [], [], [], []
         h_refresh, est_refresh = [], []
@@ -461,11 +479,6 @@ class Sophia(Optimizer):
         refresh: list[tuple[torch.Tensor, dict[str, Any]]],
     ) -> dict[torch.Tensor, torch.Tensor]:
         """One label sample and one backward for all refreshed 'gnb' parameters."""
-        if logits is None:
-            raise ValueError(
-                "Sophia (gnb): this step refreshes the Hessian estimate and needs `logits`: call "
-                "loss.backward(retain_graph=True) then optimizer.step(logits=logits)"
-            )
         if not torch.is_tensor(logits) or logits.dim() < 1:
             raise ValueError("Invalid logits: expected a (..., num_classes) tensor")
         labels = self._sample_labels(logits.detach())
@@ -576,7 +589,7 @@ def _check_hyperparameters(
     bias_correction: Any,
     probe: Any,
 ) -> None:
-    validation.check_nonnegative("lr", lr)
+    check_lr(lr)
     validation.check_betas("betas", betas)
     validation.check_nonnegative("rho", rho)
     validation.check_nonnegative("weight_decay", weight_decay)

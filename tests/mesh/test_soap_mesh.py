@@ -49,7 +49,7 @@ def _problem(shapes=_SHAPES, seed=0):
 
 
 def _tx(**kw):
-    return optax.chain(so_optax.soap(precondition_frequency=_FREQ, learning_rate=1e-2, **kw), optax.scale(-1e-2))
+    return optax.chain(so_optax.soap(precondition_frequency=_FREQ, post_step_decay_lr=1e-2, **kw), optax.scale(-1e-2))
 
 
 def _handover(one_device_bases, shapes):
@@ -306,7 +306,7 @@ def test_injected_hyperparameters_on_an_explicit_mesh():
 
     def tx():
         return optax.chain(optax.inject_hyperparams(so_optax.soap, static_args=so_optax.SOAP_STATIC_ARGS)(
-            precondition_frequency=2, weight_decay=0.1, eps=1e-6, learning_rate=1e-2), optax.scale(-1e-2))
+            precondition_frequency=2, weight_decay=0.1, eps=1e-6, post_step_decay_lr=1e-2), optax.scale(-1e-2))
 
     with jax.enable_x64(True):
         ref, _, _ = trajectory(tx(), params, grads, 4)

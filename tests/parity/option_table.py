@@ -4,10 +4,10 @@ Parity tests build both optimizers from one dict of torch-style options through 
 renamed or reinterpreted option shows up in exactly one place.
 """
 
-# torch_bridge.SOAP keyword -> so_optax.soap keyword. ``lr`` maps to ``learning_rate``, which so_optax.soap
+# torch_bridge.SOAP keyword -> so_optax.soap keyword. ``lr`` maps to ``post_step_decay_lr``, which so_optax.soap
 # uses only to reproduce the seed's post-step weight decay exactly; the step itself is optax.scale(-lr).
 SOAP_OPTIONS = {
-    "lr": "learning_rate",
+    "lr": "post_step_decay_lr",
     "betas": "betas",
     "shampoo_beta": "shampoo_beta",
     "eps": "eps",
@@ -52,5 +52,5 @@ def soap_jax_options(torch_options: dict) -> tuple[dict, float]:
     """Returns (so_optax.soap kwargs, lr) equivalent to torch_bridge.SOAP(**torch_options)."""
     lr = torch_options.get("lr", 3e-3)
     jax_options = {SOAP_OPTIONS[name]: value for name, value in torch_options.items()}
-    jax_options["learning_rate"] = lr
+    jax_options["post_step_decay_lr"] = lr
     return jax_options, lr

@@ -114,7 +114,7 @@ def test_float32_parity_square():
     grads = gradient_sequence(shapes, seed=7)
     torch_params = [torch.zeros(s, dtype=torch.float32) for s in shapes]
     opt = torch_bridge.SOAP(torch_params, lr=1e-2, precondition_frequency=5)
-    tx = optax.chain(so_optax.soap(learning_rate=1e-2, precondition_frequency=5), optax.scale(-1e-2))
+    tx = optax.chain(so_optax.soap(post_step_decay_lr=1e-2, precondition_frequency=5), optax.scale(-1e-2))
     params = [jnp.zeros(s, jnp.float32) for s in shapes]
     state = tx.init(params)
     step = jax.jit(tx.update)

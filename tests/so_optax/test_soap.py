@@ -95,7 +95,7 @@ def test_matches_float64_reference(shape, opts):
     ref = _reference_trajectory(p0, grads, lr=lr, b1=b1, b2=b2, sb=sb, eps=kw["eps"], wd=kw["weight_decay"],
                                 freq=freq, correct_bias=kw["correct_bias"], normalize=kw["normalize_grads"])
     with jax.enable_x64(True):
-        opt = optax.chain(so_optax.soap(precondition_frequency=freq, learning_rate=lr, **kw), optax.scale(-lr))
+        opt = optax.chain(so_optax.soap(precondition_frequency=freq, post_step_decay_lr=lr, **kw), optax.scale(-lr))
         p = jnp.asarray(p0)
         state = opt.init(p)
         update = jax.jit(opt.update)
@@ -282,7 +282,7 @@ def test_state_mirrors_params_and_leaves_are_independent(trajectory):
 
 def test_jit_matches_no_jit():
     shapes = {"w": (3, 4)}
-    opt = so_optax.soap(precondition_frequency=1, learning_rate=0.1)
+    opt = so_optax.soap(precondition_frequency=1, post_step_decay_lr=0.1)
     params = {k: jnp.full(s, 0.5) for k, s in shapes.items()}
     s_jit = s_eager = opt.init(params)
     update = jax.jit(opt.update)
@@ -322,7 +322,7 @@ def test_weight_decay_conventions_and_schedule_count():
     wd, small = 0.2, dict(max_precond_dim=3)  # one factor only: keeps compilation short
     base = so_optax.scale_by_soap(**small)
     adamw_like = so_optax.soap(weight_decay=wd, **small)
-    seed_like = so_optax.soap(weight_decay=wd, learning_rate=sched, **small)
+    seed_like = so_optax.soap(weight_decay=wd, post_step_decay_lr=sched, **small)
     states = [t.init(params) for t in (base, adamw_like, seed_like)]
 
     @jax.jit
@@ -480,7 +480,7 @@ def test_nonfinite_decompositions_keep_last_good_basis():
         (dict(normalize_grads=None), "normalize_grads"),
         (dict(correct_bias="no"), "correct_bias"),
         (dict(data_format="NHWC"), "data_format"),
-        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(post_step_decay_lr=-1.0), "post_step_decay_lr"),
     ],
 )
 def test_invalid_options_raise(kwargs, name):
@@ -506,12 +506,12 @@ def test_complex_params_raise_naming_the_leaf_and_split_parts_run():
 def test_inject_hyperparams():
     shapes = {"w": (4, 3), "b": (3,)}
     params = {k: jnp.full(s, 0.3) for k, s in shapes.items()}
-    kw = dict(learning_rate=0.1, eps=1e-6, weight_decay=0.05, shampoo_beta=0.9, precondition_frequency=2,
+    kw = dict(post_step_decay_lr=0.1, eps=1e-6, weight_decay=0.05, shampoo_beta=0.9, precondition_frequency=2,
               max_precond_dim=3)
     injected = optax.inject_hyperparams(so_optax.soap, static_args=so_optax.SOAP_STATIC_ARGS)(**kw)
     plain = so_optax.soap(**kw)
     s_inj, s_plain = injected.init(params), plain.init(params)
-    assert set(s_inj.hyperparams) >= {"learning_rate", "eps", "weight_decay", "shampoo_beta"}
+    assert set(s_inj.hyperparams) >= {"post_step_decay_lr", "eps", "weight_decay", "shampoo_beta"}
     traces = []
 
     @jax.jit
@@ -533,7 +533,7 @@ def test_inject_hyperparams():
     assert len(traces) == 1
     # max_precond_dim is structural: without static_args the error says what to do
     with pytest.raises(ValueError, match="max_precond_dim"):
-        optax.inject_hyperparams(so_optax.soap)(learning_rate=0.1).init(params)
+        optax.inject_hyperparams(so_optax.soap)(post_step_decay_lr=0.1).init(params)
 
 
 # --------------------------------------------------------------------------------------------

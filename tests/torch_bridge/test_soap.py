@@ -1,8 +1,8 @@
 """Tests of torch_bridge.SOAP.
 
-The parity tests run torch_bridge.SOAP and the reference class of seed 001 (loaded at run time from
-``../shared/seeds``, never copied into the repository; skipped when the file is absent) step for step in
-float64 on the same gradient sequences.
+The parity tests run torch_bridge.SOAP and the reference implementation's SOAP class (loaded at run time
+from ``$SO_OPTAX_REFERENCE_DIR``, never copied into the repository; skipped without it, see
+``tests/reference_impl.py``) step for step in float64 on the same gradient sequences.
 
 Bases: the reference casts its factors to float32 before ``eigh`` and runs the power-iteration + QR
 refresh in float32 even for float64 parameters, so its bases carry float32 rounding (~1e-7, more for
@@ -29,27 +29,27 @@ import pytest
 import torch
 
 from so_common.soap_layout import soap_layout
+from tests.reference_impl import SOAP_DOC, reference_document
 from torch_bridge import SOAP
 from torch_bridge._linalg import eigh_descending, project, refresh_basis
 
-SEED_FILE = Path(__file__).resolve().parents[2] / ".." / "shared" / "seeds" / "001_5ab0d411e69aa167.txt"
 TOL = 1e-6
 STEPS = 30
 
 
 @pytest.fixture(scope="module")
 def seed_soap():
-    """The reference SOAP class, exec'd from the seed page's first listing."""
-    if not SEED_FILE.is_file():
-        pytest.skip(f"seed file not found: {SEED_FILE}")
-    lines = SEED_FILE.read_text().splitlines()
+    """The reference SOAP class, exec'd from the first listing of its API page."""
+    doc = reference_document(SOAP_DOC, "that torch_bridge.SOAP steps as the reference SOAP class does, and "
+                                       "loads and continues its checkpoints")
+    lines = doc.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("class SOAP("))
     end = next(
         (i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()),
         len(lines),
     )
     namespace = {"torch": torch, "optim": torch.optim, "chain": chain}
-    exec(compile("\n".join(lines[start:end]), str(SEED_FILE), "exec"), namespace)
+    exec(compile("\n".join(lines[start:end]), str(doc), "exec"), namespace)
     return namespace["SOAP"]
 
 
@@ -426,7 +426,7 @@ def test_sparse_gradient_raises():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(lr=-1.0), r"Invalid lr"),
+        (dict(lr=-1.0), r"Invalid learning rate: lr=-1.0"),
         (dict(betas=(1.0, 0.9)), r"Invalid betas\[0\]"),
         (dict(betas=(0.9, -0.1)), r"Invalid betas\[1\]"),
         (dict(betas=0.9), r"Invalid betas"),
@@ -461,7 +461,7 @@ def test_complex_params_and_invalid_groups_are_rejected_whole():
     opt = SOAP([w])
     with pytest.raises(ValueError, match="param group 1 has dtype torch.complex64"):
         opt.add_param_group({"params": [z]})
-    with pytest.raises(ValueError, match="Invalid lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate: lr="):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": -1.0})
     assert len(opt.param_groups) == 1  # a rejected group is not left behind
     w.grad = torch.randn(2, 2)

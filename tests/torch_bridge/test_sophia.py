@@ -1,7 +1,8 @@
 """Tests of torch_bridge.Sophia: step-for-step equality with the seed class, estimators, API conventions.
 
-The seed implementation is not part of the repository: tests that need it load its source at runtime from
-the seed document (``<repo>/../shared/seeds/000_8e79b5adb9178ad8.txt``) and skip when it is missing.
+The reference implementation (the Sophia class this one replaces, "the seed") is not part of the repository:
+tests that need it load its source at run time from ``$SO_OPTAX_REFERENCE_DIR`` and skip without it (see
+``tests/reference_impl.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.reference_impl import SOPHIA_DOC, reference_document
 from torch_bridge import Sophia
 from torch_bridge._hessian_estimators import (
     gnb_hessian_diagonal,
@@ -25,7 +27,6 @@ from torch_bridge._hessian_estimators import (
     sample_labels,
 )
 
-SEED_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "seeds" / "000_8e79b5adb9178ad8.txt"
 RTOL = 1e-6
 
 
@@ -39,10 +40,13 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------- seed loading
+def _seed_document() -> Path:
+    return reference_document(SOPHIA_DOC, "that torch_bridge.Sophia steps exactly as the reference Sophia class "
+                                          "does and runs its two example scripts with only the import changed")
+
+
 def _seed_blocks() -> list[str]:
-    if not SEED_FILE.exists():
-        pytest.skip(f"seed document not found: {SEED_FILE}")
-    return re.findall(r"```python\n(.*?)```", SEED_FILE.read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", _seed_document().read_text(), re.S)
 
 
 def _seed_class():
@@ -50,7 +54,7 @@ def _seed_class():
     if not blocks:
         pytest.skip("no `class Sophia` block in the seed document")
     namespace: dict = {"__name__": "sophia_seed"}
-    exec(compile(blocks[0], str(SEED_FILE), "exec"), namespace)
+    exec(compile(blocks[0], str(_seed_document()), "exec"), namespace)
     return namespace["Sophia"]
 
 
@@ -360,7 +364,7 @@ def test_sample_labels_shape_and_distribution():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(lr=-1.0), "lr"),
+        (dict(lr=-1.0), "learning rate"),
         (dict(betas=(1.0, 0.9)), r"betas\[0\]"),
         (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
         (dict(rho=-0.1), "rho"),
@@ -399,14 +403,18 @@ def test_complex_params_raise():
     assert len(opt.param_groups) == 1
 
 
-def test_refresh_step_without_logits_or_closure_raises():
+def test_a_step_without_logits_or_closure_raises_at_once():
+    """Not only on the first refresh step (the k-th): a 5-step smoke test with k = 10 must see it."""
     model = _classifier()
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 4, (4,))
-    opt = Sophia(model.parameters(), k=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = Sophia(model.parameters(), k=10)
     F.cross_entropy(model(x), y).backward()
-    opt.step()  # step 1: no refresh, logits not needed
-    with pytest.raises(ValueError, match="`logits`"):
-        opt.step()  # step 2 refreshes
+    with pytest.raises(ValueError, match="needs `logits` at every step"):
+        opt.step()  # step 1 does not refresh
+    assert not opt.state and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    frozen = Sophia([torch.ones(2, requires_grad=False)])  # nothing to train: nothing needed
+    frozen.step()
 
     # logits without their graph
     opt = Sophia(model.parameters(), k=1)
@@ -423,10 +431,12 @@ def test_refresh_step_without_logits_or_closure_raises():
 
     model = _regressor()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
-    opt = Sophia(model.parameters(), k=1, hessian_computation_type="hutchinson")
+    opt = Sophia(model.parameters(), k=10, hessian_computation_type="hutchinson")
     F.mse_loss(model(x), y).backward()
-    with pytest.raises(ValueError, match="`closure`"):
-        opt.step()
+    with pytest.raises(ValueError, match="needs `closure` at every step"):
+        opt.step()  # step 1 does not refresh
+    assert not opt.state
+    opt = Sophia(model.parameters(), k=1, hessian_computation_type="hutchinson")
 
     def backward_closure():
         loss = F.mse_loss(model(x), y)
@@ -510,7 +520,8 @@ def test_params_without_grad_are_skipped_and_per_group_hyperparameters():
     a = torch.ones(3, requires_grad=True)
     b = torch.ones(2, requires_grad=True)
     frozen = torch.ones(4, requires_grad=True)
-    opt = Sophia([{"params": [a, frozen]}, {"params": [b], "lr": 0.5, "weight_decay": 0.1}], lr=0.1, rho=0.03, k=5)
+    opt = Sophia([{"params": [a, frozen]}, {"params": [b], "lr": 0.5, "weight_decay": 0.1}], lr=0.1, rho=0.03, k=5,
+                 hessian_computation_type="manual")
     a.grad = torch.ones(3)
     b.grad = -torch.ones(2)
     opt.step()
