@@ -26,9 +26,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-def pytest_sessionstart(session):
+@pytest.fixture(autouse=True, scope="session")
+def _eight_devices():
     if jax.device_count() < DEVICES:
-        raise pytest.UsageError(
-            f"tests/mesh needs {DEVICES} devices, JAX has {jax.device_count()}: run it in its own process "
-            f"(XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES} pytest tests/mesh), as scripts/test.sh does"
+        pytest.fail(
+            f"tests/mesh needs {DEVICES} devices, JAX has {jax.device_count()} (it started before this folder's "
+            f"conftest could set the flag): run it in its own process, `pytest tests/mesh`, as scripts/test.sh does"
         )
