@@ -57,7 +57,7 @@ if "jax" not in sys.modules:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
+sys.path[:0] = [str(HERE.parent / "src"), str(HERE), str(HERE.parent)]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -68,6 +68,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import so_optax  # noqa: E402
 from so_optax import _mesh_linalg  # noqa: E402
+from tests.so_optax.hlo_text import computations as _computations  # noqa: E402  (the tests' HLO reader)
 
 GPT = dict(D=256, L=4, V=96, F=1024, T=128)
 SMALL = dict(D=64, L=1, V=24, F=256, T=32)
@@ -104,18 +105,6 @@ def collective_bytes(line: str, devices: int) -> tuple[str, float] | None:
     factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1, "all-to-all": (n - 1) / n,
               "all-reduce": 2 * (n - 1) / n, "collective-permute": 1}[op]
     return op, result * factor
-
-
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-    comps, cur, entry = {}, None, None
-    for line in hlo.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            cur = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            comps[cur] = []
-            entry = cur if line.startswith("ENTRY") else entry
-        elif cur is not None:
-            comps[cur].append(line)
-    return comps, entry
 
 
 def _reached(comps: dict[str, list[str]], root: str) -> set[str]:
