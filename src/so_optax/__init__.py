@@ -1,6 +1,7 @@
 """so_optax: second-order optimizers (SOAP, Sophia) as optax gradient transformations."""
 
 from so_common import __version__
+from so_optax._distribution import state_shardings
 from so_optax._hessian_estimators import (
     GNBState,
     HutchinsonState,
@@ -29,4 +30,5 @@ __all__ = [
     "hutchinson_hessian_estimator",
     "gnb_diag_from_labels",
     "hutchinson_diag_from_probe",
+    "state_shardings",
 ]

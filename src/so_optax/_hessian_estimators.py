@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from so_common import validation
+from so_optax import _distribution
 
 __all__ = [
     "GNBState",
@@ -118,8 +119,10 @@ class GNBState(NamedTuple):
 
 
 def default_sample_labels(key: jax.Array, logits: jax.Array) -> jax.Array:
-    """Samples ``ŷ ~ softmax(logits)`` along the last axis (``jax.random.categorical``)."""
-    return jax.random.categorical(key, logits.astype(_work_dtype(logits.dtype)), axis=-1)
+    """Samples ``ŷ ~ softmax(logits)`` along the last axis (``jax.random.categorical``; on an Explicit
+    mesh each device samples its part of the batch, the same labels as one device)."""
+    out_sharding = _distribution.explicit_spec(logits, drop_last=True)
+    return jax.random.categorical(key, logits.astype(_work_dtype(logits.dtype)), axis=-1, out_sharding=out_sharding)
 
 
 def _check_mask(mask: jax.Array | None, logits: jax.Array) -> None:
@@ -291,7 +294,8 @@ _DISTRIBUTIONS = ("gaussian", "rademacher")
 def sample_probe(key: jax.Array, params: PyTree, distribution: str = "gaussian") -> PyTree:
     """A probe ``v`` like ``params`` with i.i.d. entries, ``E[v vᵀ] = I``.
 
-    Each leaf gets its own subkey and the leaf's dtype (float32 for non-float leaves).
+    Each leaf gets its own subkey and the leaf's dtype (float32 for non-float leaves); on an Explicit
+    mesh each device draws only its shard of a sharded leaf (the same numbers as one device).
     """
     validation.check_choice("distribution", distribution, _DISTRIBUTIONS)
     leaves, treedef = jax.tree.flatten(params)
@@ -300,10 +304,7 @@ def sample_probe(key: jax.Array, params: PyTree, distribution: str = "gaussian")
     out = []
     for k, leaf in zip(keys, leaves):
         dtype = leaf.dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else jnp.float32
-        if distribution == "gaussian":
-            out.append(draw(k, jnp.shape(leaf), dtype))
-        else:
-            out.append(draw(k, jnp.shape(leaf), dtype=dtype))
+        out.append(draw(k, jnp.shape(leaf), dtype=dtype, out_sharding=_distribution.explicit_spec(leaf)))
     return jax.tree.unflatten(treedef, out)
 
 

@@ -24,11 +24,19 @@ threads above one) follows the same arithmetic but was not measured here.
 
 The count is read when the step is traced: a step traced before LAPACK's thread count changes keeps
 the old count (its results do not depend on it, only its speed).
+
+Several CPU devices in one process (simulated ones, ``--xla_force_host_platform_device_count``) run their
+programs at once, and a SOAP step spread over them (``_distribution``) makes each call LAPACK at the same
+time as the others: with OpenBLAS at two threads on a 2-core machine, 8 simulated devices took 100-340 s
+for the GPT workload's first call and 100-180 s for a refresh, against 4-10 s and 8-13 s at one thread
+(the same compiled program, in one process, on a loaded machine). :func:`one_thread_on_simulated_devices`
+therefore limits that LAPACK to one thread, with a warning, when a step is spread over such devices.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 
@@ -64,3 +72,28 @@ def lane_count() -> int | None:
     cores = _cores()
     threads = lapack_threads(default=cores)
     return None if threads <= 1 else max(1, cores // threads)
+
+
+_limit = None  # the threadpoolctl limit set by one_thread_on_simulated_devices, kept for the process
+
+
+def one_thread_on_simulated_devices() -> None:
+    """Limits LAPACK's BLAS to one thread (once per process, with a warning) if this process holds several
+    CPU devices and that BLAS runs more than one thread: their programs call it at once (see above)."""
+    global _limit
+    if _limit is not None or jax.default_backend() != "cpu" or jax.local_device_count() < 2:
+        return
+    threads = lapack_threads(default=1)
+    if threads <= 1:
+        return
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    _limit = threadpool_limits(limits=1, user_api="blas")
+    warnings.warn(
+        f"so_optax: {jax.local_device_count()} CPU devices in this process decompose their factors at the same "
+        f"time, and LAPACK's BLAS ran {threads} threads per call, which makes those calls 10-30x slower; it "
+        "now runs one thread for the rest of the process. Set OPENBLAS_NUM_THREADS=1 before the process "
+        "starts to avoid this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

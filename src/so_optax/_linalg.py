@@ -27,7 +27,7 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _mode_product(x: jax.Array, mat: jax.Array, axis: int, contract_rows: bool) -> jax.Array:
+def mode_product(x: jax.Array, mat: jax.Array, axis: int, contract_rows: bool) -> jax.Array:
     """Multiplies ``x`` along ``axis`` by ``matᵀ`` (``contract_rows``) or by ``mat``.
 
     The first and last axes are contracted so that the result comes out in place (no transpose).
@@ -45,7 +45,7 @@ def project(x: jax.Array, bases: Sequence[Basis]) -> jax.Array:
     """Rotates ``x`` into the eigenbases: ``x ×_i Q_iᵀ`` for every axis ``i`` with a basis."""
     for axis, q in enumerate(bases):
         if q is not None:
-            x = _mode_product(x, q, axis, contract_rows=True)
+            x = mode_product(x, q, axis, contract_rows=True)
     return x
 
 
@@ -53,7 +53,7 @@ def project_back(x: jax.Array, bases: Sequence[Basis]) -> jax.Array:
     """Inverse of :func:`project`: ``x ×_i Q_i`` for every axis ``i`` with a basis."""
     for axis, q in enumerate(bases):
         if q is not None:
-            x = _mode_product(x, q, axis, contract_rows=False)
+            x = mode_product(x, q, axis, contract_rows=False)
     return x
 
 
@@ -64,6 +64,22 @@ def gram(x: jax.Array, axis: int) -> jax.Array:
     """
     others = tuple(a for a in range(x.ndim) if a != axis)
     return jnp.tensordot(x, x, axes=(others, others))
+
+
+class Contractions:
+    """The tensor contractions of a SOAP step, on one device: :func:`project`, :func:`project_back` and
+    the factors' Gram matrices. ``so_optax._distribution`` supplies a subclass that places their
+    operands on a mesh; the results are the same."""
+
+    def project(self, x: jax.Array, bases: Sequence[Basis]) -> jax.Array:
+        return project(x, bases)
+
+    def project_back(self, x: jax.Array, bases: Sequence[Basis]) -> jax.Array:
+        return project_back(x, bases)
+
+    def grams(self, x: jax.Array, preconditioned: Sequence[bool]) -> tuple[jax.Array | None, ...]:
+        """:func:`gram` of ``x`` along every preconditioned axis (``None`` for the others)."""
+        return tuple(gram(x, axis) if on else None for axis, on in enumerate(preconditioned))
 
 
 def after(x: jax.Array, previous: None | jax.Array | Sequence[jax.Array]) -> jax.Array:
@@ -134,15 +150,20 @@ class Lanes:
         return after(x, [y for waits_for in self._waits_for for y in waits_for])
 
 
-def _eigenvectors(mat: jax.Array) -> jax.Array:
+def eigenvectors(mat: jax.Array) -> jax.Array:
     return jnp.linalg.eigh(mat)[1]
 
 
-def _orthonormal_factor(mat: jax.Array) -> jax.Array:
+def eigenvectors_descending(mat: jax.Array) -> jax.Array:
+    """The eigenvectors of the symmetric ``mat`` as columns, by descending eigenvalue."""
+    return eigenvectors(mat)[:, ::-1]
+
+
+def orthonormal_factor(mat: jax.Array) -> jax.Array:
     return jnp.linalg.qr(mat)[0]
 
 
-def _finite_or(mat: jax.Array, fallback: jax.Array) -> jax.Array:
+def finite_or(mat: jax.Array, fallback: jax.Array) -> jax.Array:
     """``mat`` if every entry is finite, else ``fallback``."""
     return jnp.where(jnp.all(jnp.isfinite(mat)), mat, fallback.astype(mat.dtype))
 
@@ -154,8 +175,8 @@ def eigh_descending(mat: jax.Array, fallback: jax.Array, lanes: Lanes | None = N
     decomposition is not finite (an ill-conditioned or non-finite factor), ``fallback`` is returned
     instead.
     """
-    vecs = (lanes or Lanes()).run(_eigenvectors, mat)
-    return _finite_or(vecs[:, ::-1], fallback)
+    vecs = (lanes or Lanes()).run(eigenvectors, mat)
+    return finite_or(vecs[:, ::-1], fallback)
 
 
 def power_iteration_products(factor: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -214,13 +235,13 @@ def stacked_power_iteration_products(factors: jax.Array, bases: jax.Array) -> tu
 
 def stacked_orthonormal_factors(products: jax.Array, lanes: Lanes) -> list[jax.Array]:
     """``qr(products[b]).Q`` for every ``b``, one decomposition per matrix, in ``lanes``."""
-    return [lanes.run(_orthonormal_factor, products[b]) for b in range(products.shape[0])]
+    return [lanes.run(orthonormal_factor, products[b]) for b in range(products.shape[0])]
 
 
 def stacked_finite_or(mats: Sequence[jax.Array], fallbacks: jax.Array, lanes: Lanes) -> jax.Array:
     """``mats`` stacked, each one replaced by its ``fallbacks`` entry if it is not finite, once ``lanes``
     have :meth:`~Lanes.finished`."""
-    return jnp.stack([_finite_or(lanes.finished(m), fallbacks[b]) for b, m in enumerate(mats)])
+    return jnp.stack([finite_or(lanes.finished(m), fallbacks[b]) for b, m in enumerate(mats)])
 
 
 def stacked_power_iteration_refresh(
@@ -230,3 +251,36 @@ def stacked_power_iteration_refresh(
     lanes = lanes or Lanes()
     products, orders, sorted_bases = stacked_power_iteration_products(factors, bases)
     return stacked_finite_or(stacked_orthonormal_factors(products, lanes), sorted_bases, lanes), orders
+
+
+class Decomposer:
+    """How one traced step runs its decompositions over lists of stacks (``[S, d, d]`` arrays, one per
+    stack and preconditioned axis). :class:`LocalDecomposer` runs them here; ``so_optax._distribution``
+    spreads them over a device mesh. Both return what :func:`stacked_eigh_descending` and
+    :func:`stacked_finite_or` of the QRs return. Use one instance per traced computation."""
+
+    def eigh_descending(self, mats: Sequence[jax.Array], fallbacks: Sequence[jax.Array]) -> list[jax.Array]:
+        """Per stack: :func:`eigh_descending` of every matrix (``fallbacks`` where not finite)."""
+        raise NotImplementedError
+
+    def orthonormal(
+        self, products: Sequence[jax.Array], fallbacks: Sequence[jax.Array], start_after: Sequence[jax.Array] = ()
+    ) -> list[jax.Array]:
+        """Per stack: ``qr(products[b]).Q`` of every matrix (``fallbacks`` where not finite), started after
+        ``start_after`` where that orders anything (:meth:`Lanes.start_after`)."""
+        raise NotImplementedError
+
+
+class LocalDecomposer(Decomposer):
+    """Every decomposition on this device, one unbatched call per matrix, in ``lanes``."""
+
+    def __init__(self, lanes: Lanes):
+        self.lanes = lanes
+
+    def eigh_descending(self, mats, fallbacks):
+        return [stacked_eigh_descending(m, f, self.lanes) for m, f in zip(mats, fallbacks)]
+
+    def orthonormal(self, products, fallbacks, start_after=()):
+        self.lanes.start_after(list(start_after))
+        qs = [stacked_orthonormal_factors(p, self.lanes) for p in products]
+        return [stacked_finite_or(q, f, self.lanes) for q, f in zip(qs, fallbacks)]

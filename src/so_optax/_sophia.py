@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from so_common import validation
-from so_optax import _factories, _params
+from so_optax import _distribution, _factories, _params
 from so_optax import _hessian_estimators as _est
 
 __all__ = ["SOPHIA_STATIC_ARGS", "SophiaClipRule", "SophiaState", "sophia", "sophia_win_rate"]
@@ -258,6 +258,7 @@ def sophia(
     early_refresh_steps: int = 0,
     seed: int | jax.Array = 0,
     weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    mesh_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia: clipped, diagonally preconditioned momentum (Sophia-G / Sophia-H).
 
@@ -369,6 +370,12 @@ def sophia(
       seed: int or PRNG key for the built-in estimators (ignored for a user transformation).
       weight_decay_mask: optional pytree of bools with the structure of params (or a prefix of
         it), or a function ``params -> such a pytree``; weight decay applies where ``True``.
+      mesh_axes: under ``jax.set_mesh(mesh)``, the mesh axes (a name or a tuple of names) the state
+        may be split over; default ``None``: every axis. ``m`` and ``h`` are stored split along their
+        first dimension the device count divides (as so_optax.soap's state; the returned direction
+        is sharded like the gradients); the estimators' randomness does not depend on the mesh.
+        Parameters must not be sharded over an axis left out; a name the mesh lacks is a
+        ``ValueError``. See ``docs/distributed-jax.md``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with :class:`SophiaState`. Its ``update``
@@ -406,6 +413,7 @@ def sophia(
     if _is_python_number(k) or isinstance(k, (bool, np.generic)):
         validation.check_positive_int("k", k)
     est = _make_estimator(estimator, form, seed)
+    mesh_axes = _distribution.check_mesh_axes(mesh_axes)
     b1, b2 = betas
     static_k_is_one = isinstance(k, numbers.Integral) and not isinstance(k, bool) and k == 1
     no_early = _is_python_number(early_refresh_steps) and early_refresh_steps == 0
@@ -415,28 +423,34 @@ def sophia(
         _params.check_real(params, "so_optax.sophia", "e.g. a real array of shape (..., 2) viewed as complex "
                            "in the model (obj_fn and logits_fn then see the real parameters)")
 
+        where = _distribution.placement(mesh_axes)
+        where.check_tree(params, "params", mesh_axes)
+
         def zeros(p):
             return jnp.zeros(jnp.shape(p), _state_dtype(jnp.result_type(p)))
 
-        return SophiaState(
+        return where.store(SophiaState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(zeros, params),
             nu=jax.tree.map(zeros, params),
             estimator_state=est.init(params),
             clip_rule=clip_rule,
-        )
+        ))
 
     def update_fn(updates, state: SophiaState, params=None, **extra_args):
         if params is None:
             raise ValueError("Missing params: so_optax.sophia needs update(grads, state, params, ...)")
         grads = updates
+        where = _distribution.placement(mesh_axes)
+        where.check_tree(params, "params", mesh_axes)
+        # The moments' math runs where the state is stored; the estimator sees the user's arrays.
         count = optax.safe_increment(state.count)
-        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(m.dtype), state.mu, grads)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(m.dtype), state.mu, where.store(grads))
 
         def refresh(est_state, nu):
             h_hat, est_state = est.update(grads, est_state, params, **extra_args)
-            nu = jax.tree.map(lambda n, e: b2 * n + (1.0 - b2) * e.astype(n.dtype), nu, h_hat)
-            return est_state, nu
+            nu = jax.tree.map(lambda n, e: b2 * n + (1.0 - b2) * e.astype(n.dtype), nu, where.store(h_hat))
+            return where.store(est_state), where.store(nu)
 
         def keep(est_state, nu):
             return est_state, nu
@@ -458,11 +472,13 @@ def sophia(
         if not (_is_python_number(weight_decay) and weight_decay == 0):
             mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
 
+            stored_params = where.store(params)
+
             def decay(d, p):
                 return d + weight_decay * p.astype(d.dtype)
 
             if mask is None:
-                direction = jax.tree.map(decay, direction, params)
+                direction = jax.tree.map(decay, direction, stored_params)
             else:
 
                 def masked_decay(flag, d_sub, p_sub):
@@ -470,16 +486,17 @@ def sophia(
                         lambda d, p: jnp.where(flag, decay(d, p), d), d_sub, p_sub
                     )
 
-                direction = jax.tree.map(masked_decay, mask, direction, params)
+                direction = jax.tree.map(masked_decay, mask, direction, stored_params)
 
         direction = jax.tree.map(lambda d, g: d.astype(jnp.result_type(g)), direction, grads)
-        new_state = SophiaState(
+        direction = where.like(direction, grads)
+        new_state = where.store(SophiaState(
             count=count,
             mu=mu,
             nu=nu,
             estimator_state=est_state,
             clip_rule=rule,
-        )
+        ))
         return direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "sample_labels",
+    "labels_from_uniforms",
     "sampled_label_loss",
+    "sampled_label_gradients",
+    "backward_sampled_label_loss",
     "gnb_hessian_diagonal",
     "draw_probes",
     "hessian_vector_product",
@@ -44,6 +47,12 @@ def _is_freed_graph_error(err: RuntimeError) -> bool:
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples one label per position from ``softmax(logits)``.
 
+    Inverse-CDF sampling: one float64 uniform ``u_n`` per position, in position order, from ``generator``
+    (the global generator when ``None``), and ``ŷ_n`` the first class whose cumulative probability exceeds
+    ``u_n``. Distributed Sophia draws the whole batch's uniforms the same way and keeps its ranks' positions
+    (:func:`labels_from_uniforms`), so one process and any split of the batch over ranks draw the same
+    labels from the same generator state.
+
     Args:
       logits: ``(..., C)`` tensor of unnormalised log-probabilities; leading dims are positions
         (``(B, C)`` for classification, ``(B, T, C)`` for a language model).
@@ -52,11 +61,27 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None
     Returns:
       An ``int64`` tensor of shape ``logits.shape[:-1]`` with ``ŷ_n ~ Categorical(softmax(logits_n))``.
     """
+    positions = logits[..., 0].numel()
+    uniforms = torch.rand(positions, generator=generator, dtype=torch.float64, device=logits.device)
+    return labels_from_uniforms(logits, uniforms)
+
+
+_CDF_CHUNK_ELEMENTS = 1 << 24  # float64 cumulative probabilities held at once (128 MiB)
+
+
+def labels_from_uniforms(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Labels where each position's uniform ``u_n`` falls in its cumulative ``softmax(logits_n)``.
+
+    Rows are taken in chunks so that the float64 CDF never holds more than ``_CDF_CHUNK_ELEMENTS``
+    entries; each row's label depends only on that row and its uniform.
+    """
     flat = logits.detach().reshape(-1, logits.shape[-1])
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # multinomial wants float32/64 probabilities
-    probs = torch.softmax(flat, dim=-1)
-    labels = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    labels = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
+    rows = max(1, _CDF_CHUNK_ELEMENTS // max(1, flat.shape[-1]))
+    for start in range(0, flat.shape[0], rows):
+        cdf = torch.softmax(flat[start:start + rows].to(torch.float64), dim=-1).cumsum(dim=-1)
+        u = uniforms[start:start + rows].unsqueeze(-1) * cdf[:, -1:]
+        labels[start:start + rows] = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=flat.shape[-1] - 1)
     return labels.reshape(logits.shape[:-1])
 
 
@@ -94,6 +119,58 @@ def sampled_label_loss(
     return loss, count
 
 
+def sampled_label_gradients(
+    logits: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    weight: float = 1.0,
+) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """``ĝ = ∇ weight · mean CE(logits, labels)`` for all ``params`` in one autograd call (``None`` where the
+    loss does not reach a parameter), and the number ``N`` of positions averaged over (a 0-d tensor).
+
+    The graph behind ``logits`` is released by the call (no ``retain_graph``).
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+        raise ValueError(
+            "Invalid logits: the Gauss-Newton-Bartlett estimate needs the model's logits with their "
+            "autograd graph (computed with grad enabled, not detached)"
+        )
+    with torch.enable_grad():
+        loss, count = sampled_label_loss(logits, labels, mask)
+        if weight != 1.0:
+            loss = loss * weight
+        try:
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        except RuntimeError as err:
+            raise _explained(err) from err
+    return list(grads), count
+
+
+def backward_sampled_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                weight: float = 1.0) -> None:
+    """``(weight · mean CE(logits, labels)).backward()``: the gradient accumulates in the leaves' ``.grad``
+    (for FSDP2, whose reduce-scatter happens in its backward hooks)."""
+    with torch.enable_grad():
+        loss, _ = sampled_label_loss(logits, labels, mask)
+        try:
+            (loss * weight).backward()
+        except RuntimeError as err:
+            raise _explained(err) from err
+
+
+def _explained(err: RuntimeError) -> RuntimeError:
+    if not _is_freed_graph_error(err):
+        return err
+    return RuntimeError(
+        "Sophia (gnb): the autograd graph behind `logits` was already freed. Call "
+        "loss.backward(retain_graph=True) before optimizer.step(logits=logits) (or "
+        "retain_graph=optimizer.refreshes_next_step(), True before this step) so that the "
+        "Gauss-Newton-Bartlett estimate can backpropagate through the logits a second time."
+    )
+
+
 def gnb_hessian_diagonal(
     logits: torch.Tensor,
     params: Sequence[torch.Tensor],
@@ -105,8 +182,8 @@ def gnb_hessian_diagonal(
     """Gauss-Newton-Bartlett estimate ``ĥ = ĝ ⊙ ĝ`` (or ``N · ĝ ⊙ ĝ``) for all ``params`` at once.
 
     ``ĝ`` is the gradient of :func:`sampled_label_loss` with respect to every parameter, taken with a
-    single ``torch.autograd.grad`` call. The graph behind ``logits`` is released by that call (no
-    ``retain_graph``), so nothing stays alive after the estimate.
+    single ``torch.autograd.grad`` call (:func:`sampled_label_gradients`). The graph behind ``logits`` is
+    released by that call (no ``retain_graph``), so nothing stays alive after the estimate.
 
     Args:
       logits: ``(..., C)`` model output with its autograd graph.
@@ -118,25 +195,8 @@ def gnb_hessian_diagonal(
     Returns:
       One tensor per parameter; parameters that do not influence ``logits`` get zeros.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
-        raise ValueError(
-            "Invalid logits: the Gauss-Newton-Bartlett estimate needs the model's logits with their "
-            "autograd graph (computed with grad enabled, not detached)"
-        )
     params = list(params)
-    with torch.enable_grad():
-        loss, count = sampled_label_loss(logits, labels, mask)
-        try:
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        except RuntimeError as err:
-            if _is_freed_graph_error(err):
-                raise RuntimeError(
-                    "Sophia (gnb): the autograd graph behind `logits` was already freed. Call "
-                    "loss.backward(retain_graph=True) before optimizer.step(logits=logits) (or "
-                    "retain_graph=optimizer.refreshes_next_step(), True before this step) so that the "
-                    "Gauss-Newton-Bartlett estimate can backpropagate through the logits a second time."
-                ) from err
-            raise
+    grads, count = sampled_label_gradients(logits, params, labels, mask)
     out = []
     for p, g in zip(params, grads):
         if g is None:

@@ -6,7 +6,6 @@ Sham Kakade, "SOAP: Improving and Stabilizing Shampoo using Adam", 2024, arXiv:2
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,8 +13,11 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from so_common.soap_layout import SoapLayout, check_soap_options, soap_layout
+from so_common.soap_layout import check_soap_options
 
+from ._balance import decomposition_cost
+from ._checkpoint import is_state_template_step
+from ._distributed import Distribution
 from ._linalg import (
     compute_dtype,
     eigh_descending,
@@ -25,10 +27,15 @@ from ._linalg import (
     update_factors,
 )
 from ._params import add_checked_param_group, check_lr, scalar
+from ._soap_distributed import soap_distributor
+from ._soap_state import EXP_AVG as _EXP_AVG
+from ._soap_state import EXP_AVG_SQ as _EXP_AVG_SQ
+from ._soap_state import GG as _GG
+from ._soap_state import STEP as _STEP
+from ._soap_state import Q as _Q
+from ._soap_state import blank_state, from_work, layout_of, restored_state, to_work
 
 __all__ = ["SOAP"]
-
-_STEP, _EXP_AVG, _EXP_AVG_SQ, _GG, _Q = "step", "exp_avg", "exp_avg_sq", "GG", "Q"
 
 _DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
@@ -50,32 +57,6 @@ def _validate(options: dict[str, Any]) -> None:
     """Raises ``ValueError`` naming the first invalid hyperparameter in ``options``."""
     check_lr(options["lr"])
     check_soap_options(**{name: options[name] for name in _DEFAULTS if name != "lr"})
-
-
-@functools.lru_cache(maxsize=1024)
-def _layout(shape: tuple[int, ...], max_precond_dim: int, merge_dims: bool, precondition_1d: bool,
-            data_format: str) -> SoapLayout:
-    return soap_layout(shape, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-                       precondition_1d=precondition_1d, data_format=data_format)
-
-
-def _group_layout(p: torch.Tensor, group: dict[str, Any]) -> SoapLayout:
-    return _layout(tuple(p.shape), group["max_precond_dim"], group["merge_dims"],
-                   group["precondition_1d"], group["data_format"])
-
-
-def _to_work(x: torch.Tensor, layout: SoapLayout) -> torch.Tensor:
-    """``x`` (parameter shape) in the work layout: permuted (channels_last kernels) and reshaped."""
-    if layout.permutation is not None:
-        x = x.permute(layout.permutation)
-    return x.reshape(layout.work_shape)
-
-
-def _from_work(x: torch.Tensor, layout: SoapLayout) -> torch.Tensor:
-    """Inverse of :func:`_to_work` (a view where possible)."""
-    if layout.permutation is None:
-        return x.reshape(layout.shape)
-    return x.reshape(layout.permuted_shape).permute(layout.inverse_permutation)
 
 
 class SOAP(Optimizer):
@@ -143,6 +124,10 @@ class SOAP(Optimizer):
         data_format: ``"channels_first"`` (NCHW) or ``"channels_last"`` (NHWC) for 4-D tensors; only
             used with ``merge_dims`` (default ``"channels_first"``).
         correct_bias: use Adam's bias correction (default ``True``).
+        process_group: (keyword-only) under DDP, the group (e.g. ``torch.distributed.group.WORLD``) over
+            which each refresh's decompositions are split and shared; ``None`` (default): every rank does
+            all of them. FSDP2 parameters (``fully_shard``) need nothing: each parameter's whole state and
+            update go to one owner rank. Same results as one process; see ``docs/distributed-torch.md``.
 
     State (``optimizer.state[p]``): ``"step"`` (int64 scalar tensor, Adam steps taken; 0 after the first
     call), ``"exp_avg"`` and ``"exp_avg_sq"`` (work shape, in the eigenbasis), ``"GG"`` and ``"Q"``
@@ -174,7 +159,10 @@ class SOAP(Optimizer):
         normalize_grads: bool = False,
         data_format: str = "channels_first",
         correct_bias: bool = True,
+        *,
+        process_group: Any = None,
     ):
+        self._distribution = Distribution("torch_bridge.SOAP", process_group)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -191,17 +179,29 @@ class SOAP(Optimizer):
         )
         _validate(defaults)
         super().__init__(params, defaults)
+        self._distributor = soap_distributor(self._distribution, layout_of)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group; its hyperparameters are validated like the constructor's, and its
-        parameters must be real. An invalid group is not added."""
+        parameters must be real and laid out like the others (all FSDP2 DTensors on one mesh, or none).
+        An invalid group is not added."""
         add_checked_param_group(self, param_group, super().add_param_group, _validate, "torch_bridge.SOAP")
+        self._distribution.add_last_group(self.param_groups)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in _DEFAULTS.items():
                 group.setdefault(key, value)
+        if "_distributor" not in self.__dict__:  # unpickled: a process group does not pickle
+            self._distribution = Distribution.of("torch_bridge.SOAP", self.param_groups)
+            self._distributor = soap_distributor(self._distribution, layout_of)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as ``torch.optim.Optimizer.state_dict`` gives it; under FSDP2 (a collective call) each
+        owner-held tensor of the state is given as a ``DTensor`` sharded along dim 0 on the parameters' mesh,
+        so that ``torch.distributed.checkpoint`` saves it in pieces and reshards it to any world size."""
+        return self._distributor.export_state(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping the state's own dtypes; a checkpoint of the reference SOAP loads too.
@@ -218,6 +218,7 @@ class SOAP(Optimizer):
         loaded: dict[str, Any] = {}
 
         def prepare(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:  # after the user's pre-hooks
+            state_dict = optimizer._distributor.import_state(optimizer, state_dict)  # FSDP2: DTensors to owners
             loaded["state"] = state_dict["state"]
             loaded["ids"] = [pid for group in state_dict["param_groups"] for pid in group["params"]]
             # An option the checkpoint lacks keeps this optimizer's value (the reference holds data_format
@@ -228,14 +229,14 @@ class SOAP(Optimizer):
                     saved.setdefault(key, value)
             return dict(state_dict, param_groups=groups)
 
-        def restore(optimizer: SOAP) -> None:  # before the user's post-hooks
+        def restore_states(optimizer: SOAP) -> None:  # before the user's post-hooks
             members = ((p, g) for g in optimizer.param_groups for p in g["params"])
             for pid, (p, group) in zip(loaded["ids"], members):
                 if pid in loaded["state"]:
-                    optimizer.state[p] = _restored_state(loaded["state"][pid], p, group)
+                    optimizer.state[p] = restored_state(loaded["state"][pid], layout_of(p, group), p)
 
         pre = self.register_load_state_dict_pre_hook(prepare)
-        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        post = self.register_load_state_dict_post_hook(restore_states, prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
@@ -257,38 +258,55 @@ class SOAP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        template = is_state_template_step(self, closure)
+        self._distributor.begin_step(self, template)
         for group in self.param_groups:
-            self._step_group(group)
+            if template:
+                self._blank_group(group)
+            else:
+                self._step_group(group)
         return loss
+
+    @property
+    def communication(self) -> dict[str, int]:
+        """What this rank has communicated since the optimizer was built (``bytes_sent``, ``bytes_received``,
+        ``collectives``); zeros in one process or without ``process_group``."""
+        return self._distribution.stats
 
     # ----------------------------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        distributor = self._distributor
 
         with_grad = [p for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in with_grad):
             raise RuntimeError("SOAP does not support sparse gradients; use dense gradients "
                                "(e.g. nn.Embedding(sparse=False))")
-        params, grads, layouts = [], [], []
-        for p in with_grad:
-            layout = _group_layout(p, group)
+        # ``stepping``: every parameter that takes a step; ``params``: those whose update this rank computes
+        # (all of them in one process), with their whole gradients in the work layout.
+        starting, stepping, params, grads, layouts = [], [], [], [], []
+        for p, grad in zip(with_grad, distributor.gradients(with_grad)):
+            layout = layout_of(p, group)
             state = self.state[p]
-            g = _to_work(p.grad, layout).to(compute_dtype(p.dtype))
-            if _Q not in state:
-                self._init_state(state, g, layout, shampoo_beta)
+            step = state.get(_STEP)
+            if step is None or int(step) < 0:
+                starting.append((p, grad, layout))
                 continue
-            params.append(p)
-            grads.append(g)
-            layouts.append(layout)
-        if not params:
+            stepping.append(p)
+            if grad is not None:
+                params.append(p)
+                grads.append(to_work(grad, layout).to(compute_dtype(p.dtype)))
+                layouts.append(layout)
+        if starting:
+            self._init_states(starting, shampoo_beta)
+        if not stepping:
             return
 
         states = [self.state[p] for p in params]
         exp_avgs = [s[_EXP_AVG] for s in states]
         exp_avg_sqs = [s[_EXP_AVG_SQ] for s in states]
-        steps = [s[_STEP] for s in states]
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_([self.state[p][_STEP] for p in stepping], 1)
 
         # Adam's moments on the rotated gradient G' (work shape, eigenbasis).
         rotated = [project(g, s[_Q]) for g, s in zip(grads, states)]
@@ -303,97 +321,97 @@ class SOAP(Optimizer):
         torch._foreach_mul_(ratios, exp_avgs)
 
         lr = scalar(group["lr"])
+        step_sizes = {p: _step_size(group, int(self.state[p][_STEP])) for p in stepping}
         for p, s, ratio, layout in zip(params, states, ratios, layouts):
-            direction = _from_work(project_back(ratio, s[_Q]), layout)
+            direction = from_work(project_back(ratio, s[_Q]), layout)
             if group["normalize_grads"]:
                 rms = torch.linalg.vector_norm(direction).div_(math.sqrt(max(direction.numel(), 1)))
                 direction = direction / rms.add_(1e-30)
-            step_size = lr
-            if group["correct_bias"]:
-                t = int(s[_STEP])
-                step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            p.add_(direction, alpha=-step_size)
+            distributor.update(p, direction, step_sizes[p])
         del ratios
+        distributor.finish_updates(stepping, list(step_sizes.values()))
         if group["weight_decay"] > 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            torch._foreach_mul_(distributor.local_params(stepping), 1.0 - lr * group["weight_decay"])
 
         # Factors from the raw gradient, then (every precondition_frequency steps) the basis refresh.
         frequency = group["precondition_frequency"]
+        due = []
         for g, s in zip(grads, states):
             update_factors(s[_GG], g, shampoo_beta)
             if int(s[_STEP]) % frequency == 0:
-                _refresh(s)
+                due.append(s)
+        _refresh(due, distributor)
 
-    @staticmethod
-    def _init_state(state: dict[str, Any], g: torch.Tensor, layout: SoapLayout, shampoo_beta: float) -> None:
-        """First call for a parameter: factors from ``g`` and their eigenbases; no update."""
-        empty = g.new_empty(0)
-        state[_STEP] = torch.tensor(0, dtype=torch.int64)
-        state[_EXP_AVG] = torch.zeros_like(g, memory_format=torch.contiguous_format)
-        state[_EXP_AVG_SQ] = torch.zeros_like(g, memory_format=torch.contiguous_format)
-        factors = [g.new_zeros(d, d) if on else empty for d, on in zip(layout.work_shape, layout.preconditioned)]
-        update_factors(factors, g, shampoo_beta)
-        state[_GG] = factors
-        state[_Q] = [eigh_descending(gg) if gg.numel() else empty for gg in factors]
+    def _init_states(self, starting: list[tuple], shampoo_beta: float) -> None:
+        """First call for these parameters: factors from the gradient and their eigenbases; no update.
+
+        A parameter whose update another rank computes (FSDP2) only starts its step count here.
+        """
+        built = []
+        for p, grad, layout in starting:
+            state = self.state[p]
+            state.clear()  # a blank checkpoint template's zeros
+            state[_STEP] = torch.tensor(0, dtype=torch.int64)
+            if grad is None:
+                continue
+            g = to_work(grad, layout).to(compute_dtype(p.dtype))
+            state[_EXP_AVG] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+            state[_EXP_AVG_SQ] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+            factors = [g.new_zeros(d, d) if on else g.new_empty(0)
+                       for d, on in zip(layout.work_shape, layout.preconditioned)]
+            update_factors(factors, g, shampoo_beta)
+            state[_GG] = factors
+            built.append(state)
+        factors = [gg for s in built for gg in s[_GG] if gg.numel()]
+        bases = iter(self._distributor.share(  # the eigh of each factor, where the distributor puts it
+            [decomposition_cost(gg.shape[0]) for gg in factors], lambda k: [eigh_descending(factors[k])],
+            lambda k: [(tuple(factors[k].shape), factors[k].dtype)], _device(factors)))
+        for s in built:
+            s[_Q] = [next(bases)[0] if gg.numel() else gg for gg in s[_GG]]
+
+    def _blank_group(self, group: dict[str, Any]) -> None:
+        """The state ``torch.distributed.checkpoint`` asks for before loading (its zero-gradient, ``lr = 0``
+        step): blank, of the right shapes (:func:`~torch_bridge._soap_state.blank_state`). No step is taken."""
+        for p in (p for p in group["params"] if p.grad is not None):
+            self.state[p] = blank_state(layout_of(p, group), compute_dtype(p.dtype), p.device,
+                                        self._distributor.owns(p))
 
 
-def _refresh(state: dict[str, Any]) -> None:
-    """Power iteration + QR on every factor; ``exp_avg`` follows the new basis, ``exp_avg_sq`` the sort."""
-    bases = state[_Q]
-    if not any(q.numel() for q in bases):
+def _step_size(group: dict[str, Any], t: int) -> float:
+    """The learning rate times Adam's bias correction ``√(1-β₂ᵗ) / (1-β₁ᵗ)`` (if ``correct_bias``)."""
+    lr = scalar(group["lr"])
+    if not group["correct_bias"]:
+        return lr
+    beta1, beta2 = group["betas"]
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def _refresh(states: list[dict[str, Any]], distributor: Any) -> None:
+    """Power iteration + QR on every factor of ``states``; ``exp_avg`` follows the new bases, ``exp_avg_sq``
+    the sort. The decompositions run where ``distributor`` puts them (all here in one process)."""
+    states = [s for s in states if any(q.numel() for q in s[_Q])]
+    pairs = [(gg, q) for s in states for gg, q in zip(s[_GG], s[_Q]) if gg.numel()]
+    if not pairs:
         return
-    exp_avg = project_back(state[_EXP_AVG], bases)
-    exp_avg_sq = state[_EXP_AVG_SQ]
-    new_bases = []
-    for dim, (gg, q) in enumerate(zip(state[_GG], bases)):
-        if not gg.numel():
+    results = iter(distributor.share(  # (basis, order) = refresh_basis(GG, Q) of each factor
+        [decomposition_cost(gg.shape[0]) for gg, _ in pairs],
+        lambda k: list(refresh_basis(*pairs[k])),
+        lambda k: [(tuple(pairs[k][0].shape), pairs[k][0].dtype), ((pairs[k][0].shape[0],), torch.int64)],
+        _device([gg for gg, _ in pairs])))
+    for state in states:
+        bases = state[_Q]
+        exp_avg = project_back(state[_EXP_AVG], bases)
+        exp_avg_sq = state[_EXP_AVG_SQ]
+        new_bases = []
+        for dim, (gg, q) in enumerate(zip(state[_GG], bases)):
+            if gg.numel():
+                q, order = next(results)
+                exp_avg_sq = exp_avg_sq.index_select(dim, order)
             new_bases.append(q)
-            continue
-        q, order = refresh_basis(gg, q)
-        exp_avg_sq = exp_avg_sq.index_select(dim, order)
-        new_bases.append(q)
-    state[_Q] = new_bases
-    state[_EXP_AVG_SQ] = exp_avg_sq
-    state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
+        state[_Q] = new_bases
+        state[_EXP_AVG_SQ] = exp_avg_sq
+        state[_EXP_AVG] = project(exp_avg, new_bases).contiguous()
 
 
-def _restored_state(saved: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a saved parameter state on ``p``'s device with its own dtypes, in this class's layout."""
-    state = {key: _restore(value, torch.device("cpu") if key == _STEP else p.device) for key, value in saved.items()}
-    if "precondition_frequency" in state or "shampoo_beta" in state:  # only the reference keeps these per state
-        return _from_seed_state(state, _group_layout(p, group), compute_dtype(p.dtype))
-    if _STEP in state and not torch.is_tensor(state[_STEP]):  # a checkpoint with a plain-number step
-        state[_STEP] = torch.tensor(int(state[_STEP]), dtype=torch.int64)
-    return state
-
-
-def _from_seed_state(state: dict[str, Any], layout: SoapLayout, dtype: torch.dtype) -> dict[str, Any]:
-    """A parameter state saved by the seed's SOAP, in this class's layout and compute ``dtype``.
-
-    The seed keeps an ``int`` step, the moments in the parameter's shape and dtype, ``[]`` (not a tensor)
-    for a dimension with the identity basis, and its own copies of ``precondition_frequency`` and
-    ``shampoo_beta``, which the param group holds here. Its moments are already in the eigenbasis, as here.
-    """
-    empty = state[_EXP_AVG].new_empty(0, dtype=dtype)
-
-    def matrices(values: list) -> list[torch.Tensor]:
-        return [v.to(dtype) if torch.is_tensor(v) and v.numel() else empty for v in values]
-
-    return {
-        _STEP: torch.tensor(int(state[_STEP]), dtype=torch.int64),
-        _EXP_AVG: _to_work(state[_EXP_AVG], layout).to(dtype).contiguous(),
-        _EXP_AVG_SQ: _to_work(state[_EXP_AVG_SQ], layout).to(dtype).contiguous(),
-        _GG: matrices(state[_GG]),
-        _Q: matrices(state[_Q]),
-    }
-
-
-def _restore(value: Any, device: torch.device) -> Any:
-    """A copy of saved state on ``device``, keeping its dtype."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, copy=True)
-    if isinstance(value, list):
-        return [_restore(v, device) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_restore(v, device) for v in value)
-    return value
+def _device(tensors: list[torch.Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")

@@ -13,14 +13,15 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from so_common import validation
+from torch_bridge._checkpoint import is_state_template_step, shard_like
+from torch_bridge._distributed import Distribution, local
 from torch_bridge._hessian_estimators import (
     draw_probes,
-    gnb_hessian_diagonal,
-    hessian_vector_product,
     hutchinson_hessian_diagonal,
     sample_labels,
 )
 from torch_bridge._params import add_checked_param_group, check_lr, scalar
+from torch_bridge._sophia_distributed import SophiaDistributor
 
 __all__ = ["Sophia"]
 
@@ -141,6 +142,10 @@ class Sophia(Optimizer):
       early_refresh_steps: also refresh ``h`` at every step ``t <= early_refresh_steps`` (keyword-only,
         default ``0``: only at ``t = k, 2k, ...``; not with ``'manual'``).
       probe: Hutchinson probe distribution, ``'gaussian'`` (seed) or ``'rademacher'`` (keyword-only).
+      process_group: (keyword-only) under DDP, the group (e.g. ``torch.distributed.group.WORLD``) over which
+        the Hessian estimates (and a closure's gradients) are averaged, so that they are the whole batch's;
+        FSDP2 parameters need nothing. Labels and probes then come from group rank 0's generator state.
+        See ``docs/distributed-torch.md``.
 
     State per parameter: ``'step'`` (0-d int64 tensor), ``'momentum_buffer'`` (:math:`m`) and
     ``'hessian_buffer'`` (:math:`h`), the seed's names, so seed checkpoints load.
@@ -169,7 +174,9 @@ class Sophia(Optimizer):
         hessian_bias_correction: bool = False,
         early_refresh_steps: int = 0,
         probe: str = "gaussian",
+        process_group: Any = None,
     ):
+        self._distribution = Distribution("torch_bridge.Sophia", process_group)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -188,6 +195,7 @@ class Sophia(Optimizer):
         _check_hyperparameters(**defaults)
         defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
+        self._dist = SophiaDistributor(self._distribution)
         self._win_counts: list[torch.Tensor] = []
         self._win_total = 0
         self._win_record: list[tuple] | None = None  # pending win-rate inputs of the latest step
@@ -200,6 +208,7 @@ class Sophia(Optimizer):
             lambda group: _check_hyperparameters(**{name: group[name] for name in self.defaults}),
             "torch_bridge.Sophia",
         )
+        self._distribution.add_last_group(self.param_groups)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -219,26 +228,39 @@ class Sophia(Optimizer):
             self._win_counts, self._win_total = [], 0
         if not hasattr(self, "_win_record"):
             self._win_record = None
+        if not hasattr(self, "_dist"):  # unpickled: a process group does not pickle
+            self._distribution = Distribution.of("torch_bridge.Sophia", self.param_groups)
+            self._dist = SophiaDistributor(self._distribution)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._materialize_win_rate()  # the latest step's win rate refers to the buffers replaced here
         super().load_state_dict(state_dict)
+        if self._distribution.kind == "sharded":  # a whole (one-process) state: keep this rank's rows
+            for p, state in self.state.items():
+                for key, value in state.items():
+                    state[key] = shard_like(p, value)
 
     # ------------------------------------------------------------------ hooks for injected randomness
     def _sample_labels(self, logits: torch.Tensor) -> torch.Tensor:
         """Returns labels ``ŷ ~ softmax(logits)`` of shape ``logits.shape[:-1]`` (one sample per step).
 
         Override to inject labels (parity tests). ``logits`` is passed detached, with the shape the user
-        gave (``(B, C)`` or ``(B, T, C)``).
+        gave (``(B, C)`` or ``(B, T, C)``); under FSDP2 or with ``process_group`` it holds this rank's positions
+        and the labels are this rank's part of one sample of the whole batch's.
         """
+        if self._dist.distributed:
+            return self._dist.labels(logits)
         return sample_labels(logits)
 
     def _draw_probes(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Returns Hutchinson probes, one per parameter in ``params`` (override to inject probes).
 
-        ``params`` holds exactly the parameters refreshed this step, in parameter-group order.
+        ``params`` holds exactly the parameters refreshed this step, in parameter-group order. Probes are of
+        whole parameters (an FSDP2 parameter's global shape), the same on every rank.
         """
         distribution = {id(p): g["probe"] for g in self.param_groups for p in g["params"]}
+        if self._dist.distributed:
+            return self._dist.probes(params, [distribution[id(p)] for p in params])
         return [draw_probes([p], distribution[id(p)])[0] for p in params]
 
     # ------------------------------------------------------------------ diagnostics
@@ -340,15 +362,22 @@ class Sophia(Optimizer):
         Returns:
           The closure's loss, or ``None`` without a closure.
         """
+        if is_state_template_step(self, closure, logits):  # torch.distributed.checkpoint asks for a state
+            self._dist.begin_step(self, communicates=lambda: False, template=True)
+            for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
+                self._init_state(p)
+            return None
         self._check_step_arguments(closure, logits)
         loss = None
         groups = self.param_groups
         hutch_groups = [g for g in groups if g["hessian_computation_type"] == "hutchinson"]
         closure_grads: dict[torch.Tensor, torch.Tensor] | None = None
         estimates: dict[torch.Tensor, torch.Tensor] = {}
+        uses_closure = closure is not None and any(p.requires_grad for g in hutch_groups for p in g["params"])
+        self._dist.begin_step(self, communicates=lambda: uses_closure or self._gnb_refresh_due())
 
         # --- gradients (and the Hutchinson estimate) from a loss-returning closure
-        if closure is not None and any(p.requires_grad for g in hutch_groups for p in g["params"]):
+        if uses_closure:
             loss, closure_grads, estimates = self._closure_gradients(closure, hutch_groups)
         elif closure is not None:
             with torch.enable_grad():
@@ -376,6 +405,17 @@ class Sophia(Optimizer):
         for group in groups:
             self._update_group(group, grad_of, estimates)
         return loss
+
+    def _gnb_refresh_due(self) -> bool:
+        return any(p.grad is not None and self._next_step_refreshes(p, g)
+                   for g in self.param_groups if g["hessian_computation_type"] == "gnb" for p in g["params"])
+
+    @property
+    def communication(self) -> dict[str, int]:
+        """What this rank has communicated since the optimizer was built (``bytes_sent``, ``bytes_received``,
+        ``collectives``); zeros in one process or without ``process_group`` (FSDP2's own collectives, in the
+        model's forward and backward, are not counted)."""
+        return self._distribution.stats
 
     def _check_step_arguments(self, closure: Callable | None, logits: torch.Tensor | None) -> None:
         """A ``'gnb'`` group needs ``logits`` and a ``'hutchinson'`` group ``closure`` at every step that has a
@@ -426,6 +466,8 @@ class Sophia(Optimizer):
                 est_refresh.append(est)
         if not params:
             return
+        if self._distribution.kind == "sharded":  # FSDP2: the elementwise math on this rank's rows
+            params, grads, ms, hs, h_refresh = ([local(t) for t in ts] for ts in (params, grads, ms, hs, h_refresh))
         torch._foreach_add_(steps, 1)  # 0-d CPU int64 counters (no device sync)
         corrections = None
         if group["bias_correction"]:
@@ -510,14 +552,15 @@ class Sophia(Optimizer):
                 f"Invalid labels from _sample_labels: shape {tuple(labels.shape)}, expected "
                 f"logits.shape[:-1] = {tuple(logits.shape[:-1])}"
             )
-        params = [p for p, _ in refresh]
-        diag = gnb_hessian_diagonal(logits, params, labels, logits_mask)
+        everything = [p for group in self.param_groups for p in group["params"]]
+        grads, num_positions = self._dist.gnb_gradients(logits, [p for p, _ in refresh], everything, labels,
+                                                        logits_mask)
+        if not self._dist.distributed:
+            num_positions = _num_positions(logits, logits_mask)
         estimates = {}
-        num_positions = None
-        for (p, group), est in zip(refresh, diag):
-            if group["form"] == "paper":  # the paper's B * g_hat^2
-                if num_positions is None:
-                    num_positions = _num_positions(logits, logits_mask)
+        for (p, group), g in zip(refresh, grads):
+            est = g * g if g is not None else torch.zeros_like(local(p))
+            if group["form"] == "paper":  # the paper's B * g_hat^2 (B: the whole batch's label positions)
                 est.mul_(num_positions)
             estimates[p] = est
         return estimates
@@ -533,7 +576,6 @@ class Sophia(Optimizer):
             for p in g["params"]
             if p.requires_grad and self._next_step_refreshes(p, g)
         }
-        refresh = list(refresh_group)
         with torch.enable_grad():
             loss = closure()
             if not torch.is_tensor(loss) or not loss.requires_grad:
@@ -541,27 +583,9 @@ class Sophia(Optimizer):
                     "Invalid closure: for 'hutchinson' it must return the loss as a tensor with its "
                     "autograd graph (computed with grad enabled, backward() not called)"
                 )
-            try:
-                grads = torch.autograd.grad(loss, params, create_graph=bool(refresh), allow_unused=True)
-            except RuntimeError as err:
-                if "second time" in str(err) or "already been freed" in str(err):
-                    raise RuntimeError(
-                        "Sophia (hutchinson): the closure's graph was already freed; the closure must "
-                        "return the loss without calling backward()"
-                    ) from err
-                raise
-            grad_map = {p: g for p, g in zip(params, grads) if g is not None}
-            estimates: dict[torch.Tensor, torch.Tensor] = {}
-            refresh = [p for p in refresh if p in grad_map]
-            if refresh:
-                probes = self._draw_probes(refresh)
-                if len(probes) != len(refresh):
-                    raise ValueError(f"_draw_probes returned {len(probes)} probes for {len(refresh)} params")
-                hvps = hessian_vector_product(None, refresh, probes, grads=[grad_map[p] for p in refresh])
-                for p, v, hv in zip(refresh, probes, hvps):
-                    absolute = refresh_group[p]["form"] == "seed"  # the seed takes |v * Hv|
-                    estimates[p] = hutchinson_hessian_diagonal([v], [hv], absolute=absolute)[0]
-        grad_map = {p: g.detach() for p, g in grad_map.items()}
+            grad_map, triples = self._dist.closure_gradients(loss, params, list(refresh_group), self._draw_probes)
+        estimates = {p: hutchinson_hessian_diagonal([v], [hv], absolute=refresh_group[p]["form"] == "seed")[0]
+                     for p, v, hv in triples}  # the seed takes |v * Hv|
         return loss.detach(), grad_map, estimates
 
     @torch.no_grad()
@@ -576,7 +600,8 @@ class Sophia(Optimizer):
 
         with :math:`B` = ``batch_size`` (the number of label positions averaged over; pass it for the
         paper's form) or 1 by default (the seed's form). The step counter does not advance. Use
-        ``hessian_computation_type='manual'`` so that :meth:`step` does not also refresh.
+        ``hessian_computation_type='manual'`` so that :meth:`step` does not also refresh. Under FSDP2 or DDP
+        ``p.grad`` is the whole batch's, and ``batch_size`` is the whole batch's number of positions.
         """
         self._materialize_win_rate()  # h changes in place below
         scale = 1.0
@@ -588,8 +613,8 @@ class Sophia(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self._init_state(p)
-                state["hessian_buffer"].mul_(beta2).addcmul_(p.grad, p.grad, value=(1.0 - beta2) * scale)
+                h, g = local(self._init_state(p)["hessian_buffer"]), local(p.grad)
+                h.mul_(beta2).addcmul_(g, g, value=(1.0 - beta2) * scale)
 
 
 def _refreshes(t: int, k: int, early_refresh_steps: int) -> int:

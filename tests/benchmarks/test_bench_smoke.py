@@ -199,3 +199,24 @@ def test_profile_shows_decompositions_only_in_the_refresh_step(tmp_path):
             k for k, c in regular["count"].items() if c}
     (report,) = tmp_path.glob("profile-*-tiny.md")
     assert report.read_text().count("| **all** |") == 2
+
+
+@pytest.mark.xdist_group("distributed")  # with the other spawned-rank tests, on one xdist worker
+def test_distributed_benchmark_runs_and_counts(tmp_path):
+    """benchmarks/bench_distributed_torch.py --quick: every contender runs on 1 and 2 ranks, the owner layout
+    halves torch_bridge.SOAP's state per rank under FSDP2, and only torch_bridge's optimizer communicates."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_distributed_torch.py"), "--quick",
+                    "--out-dir", str(tmp_path)], check=True, env=env, timeout=600, capture_output=True)
+    (report,) = tmp_path.glob("distributed-torch-quick-*.json")
+    table = json.loads(report.read_text())["table"]
+    rows = {(r["layout"], r["optimizer"], r["rank"]): r for r in table}
+    assert len(rows) == 12
+    one = rows["one", "torch_bridge.SOAP", 0]["state_bytes"]
+    owned = [rows["fsdp", "torch_bridge.SOAP", rank]["state_bytes"] for rank in (0, 1)]
+    assert sum(owned) == pytest.approx(one, abs=8 * 64) and max(owned) < one  # ranks not owning keep an int64 step
+    assert rows["fsdp", "torch_bridge.SOAP", 0]["bytes_sent_per_step"] > 0
+    assert rows["ddp", "torch_bridge.SOAP", 0]["refresh_bytes_sent"] > 0 == rows["ddp", "torch_bridge.SOAP", 0][
+        "regular_bytes_sent"]
+    assert all(r["bytes_sent_per_step"] == 0 for r in table if r["optimizer"] == "heavyball.SOAP")
+    assert all(r["refresh_steps"] >= 1 for r in table)

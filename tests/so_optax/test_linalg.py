@@ -29,7 +29,7 @@ def _isolation(count):
         lanes = _linalg.Lanes(count)
         product = x @ x
         lanes.start_after([product])
-        qs = [lanes.run(_linalg._orthonormal_factor, y) for y in ys]
+        qs = [lanes.run(_linalg.orthonormal_factor, y) for y in ys]
         return product, qs, jnp.linalg.eigh(lanes.finished(w))[1]
 
     x = jnp.eye(8) * 2
@@ -83,9 +83,9 @@ def test_an_empty_decomposition_does_not_break_its_lane():
 
     def chain(x, y, empty):
         lanes = _linalg.Lanes(1)
-        first = lanes.run(_linalg._orthonormal_factor, x)
-        middle = lanes.run(_linalg._orthonormal_factor, empty)
-        return first, middle, lanes.run(_linalg._orthonormal_factor, y)
+        first = lanes.run(_linalg.orthonormal_factor, x)
+        middle = lanes.run(_linalg.orthonormal_factor, empty)
+        return first, middle, lanes.run(_linalg.orthonormal_factor, y)
 
     compiled = jax.jit(chain).lower(a, b, jnp.zeros((0, 0))).compile()
     comps, entry = computations(compiled.as_text())
@@ -94,7 +94,7 @@ def test_an_empty_decomposition_does_not_break_its_lane():
     assert sorted(len(ancestors(insts, q) & set(qrs)) for q in qrs) == [0, 1]
     first, middle, last = compiled(a, b, jnp.zeros((0, 0)))
     assert middle.shape == (0, 0)
-    np.testing.assert_array_equal(last, jax.jit(_linalg._orthonormal_factor)(b))
+    np.testing.assert_array_equal(last, jax.jit(_linalg.orthonormal_factor)(b))
 
 
 def test_lanes_do_not_change_the_results():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from tests.reference_impl import SOPHIA_DOC, reference_document
 from torch_bridge import Sophia
+from torch_bridge import _hessian_estimators as hessian_estimators
 from torch_bridge._hessian_estimators import (
     gnb_hessian_diagonal,
     hessian_vector_product,
@@ -358,6 +359,20 @@ def test_sample_labels_shape_and_distribution():
     labels = sample_labels(logits)
     assert labels.shape == (2, 4) and labels.dtype == torch.int64
     assert bool((labels == 1).all())
+
+
+def test_sample_labels_frequencies_and_chunking(monkeypatch):
+    """Inverse-CDF labels follow softmax(logits), and the float64 CDF's row chunks do not change them."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = probs.log().expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+    labels = sample_labels(logits, generator=gen)
+    freq = torch.bincount(labels, minlength=4).double() / labels.numel()
+    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / labels.numel()).sqrt())
+    mixed = torch.randn(37, 5, 11, generator=torch.Generator().manual_seed(1))
+    whole = sample_labels(mixed, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(hessian_estimators, "_CDF_CHUNK_ELEMENTS", 23)  # two rows per chunk
+    assert torch.equal(sample_labels(mixed, generator=torch.Generator().manual_seed(2)), whole)
 
 
 # ----------------------------------------------------------------------------- errors
