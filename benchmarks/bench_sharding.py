@@ -236,7 +236,7 @@ def report(results: list[dict], workload: dict, name: str) -> str:
         f"N = 1 is the one-device program (no mesh). Method: `benchmarks/README.md`, *Sharding*.",
         "",
         "| devices | SOAP state per device (MB) | bound 1.25·total/N + largest (MB) | Sophia-G state per device (MB) "
-        "| eigh / QR per device | ⌈F/N⌉+2 | owners' Σd³: max / mean, max / best possible |",
+        "| eigh / QR per device | ⌈F/N⌉+2 | owners' Σd³: max / mean, max / max(mean, largest d³) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
