@@ -6,13 +6,12 @@ Model Pre-training", 2023, arXiv:2305.14342.
 Sophia keeps an EMA ``m`` of the gradients and an EMA ``h`` of a stochastic estimate ``ĥ`` of the
 Hessian diagonal, refreshed every ``k`` steps only, and steps along the element-wise clipped
 ratio ``m / h``: a Newton-like step where the curvature is trusted and a sign-momentum step of
-bounded size where it is not (small, negative or stale ``h``).
+bounded size where it is not (small, negative or stale ``h``). Here: the options, the state and its
+win rate; the step's math is in ``_sophia_step``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +23,7 @@ import optax
 from so_common import validation
 from so_optax import _distribution, _factories, _params
 from so_optax import _hessian_estimators as _est
+from so_optax import _sophia_step as _step
 
 __all__ = ["SOPHIA_STATIC_ARGS", "SophiaClipRule", "SophiaState", "sophia", "sophia_win_rate"]
 
@@ -39,55 +39,10 @@ _FORMS = ("seed", "paper")
 _ESTIMATORS = ("gnb", "hutchinson")
 
 
-def _is_python_number(x: Any) -> bool:
-    return isinstance(x, numbers.Number) and not isinstance(x, bool)
-
-
 def _state_dtype(dtype) -> jnp.dtype:
     if not jnp.issubdtype(dtype, jnp.floating):
         return jnp.dtype(jnp.float32)
     return jnp.promote_types(dtype, jnp.float32)
-
-
-# Leaves below this many elements are concatenated before counting (one reduction instead of one
-# per small leaf: on CPU each reduction has a fixed cost); float32 sums of 0/1 are exact below 2**24.
-_SMALL_LEAF = 1 << 16
-_EXACT_F32 = 1 << 24
-
-
-def _count_below(leaves, threshold) -> jax.Array:
-    """float32 number of entries with ``|r| < threshold`` over all ``leaves`` (exact per leaf).
-
-    Counts in float32 (a 0/1 float sum fuses with the comparison, an int32 sum of a boolean does
-    not on CPU), exact because every partial sum is an integer below 2**24; larger leaves are counted
-    in int32 as before.
-    """
-
-    def indicator(r):
-        return jnp.where(jnp.abs(r) < threshold, 1.0, 0.0).astype(jnp.float32)
-
-    counts = []
-    group, group_size = [], 0
-
-    def flush():
-        if group:
-            flat = group[0] if len(group) == 1 else jnp.concatenate(group)
-            counts.append(jnp.sum(flat))
-
-    for r in leaves:
-        n = int(np.prod(np.shape(r)))
-        if n >= _EXACT_F32:
-            counts.append(jnp.sum(jnp.abs(r) < threshold).astype(jnp.float32))
-        elif n >= _SMALL_LEAF:
-            counts.append(jnp.sum(indicator(r)))
-        else:
-            if group_size + n >= _EXACT_F32:
-                flush()
-                group, group_size = [], 0
-            group.append(jnp.ravel(indicator(r)))
-            group_size += n
-    flush()
-    return sum(counts, jnp.zeros([], jnp.float32))
 
 
 def _make_estimator(estimator, form: str, seed) -> optax.GradientTransformationExtraArgs:
@@ -138,54 +93,13 @@ def _clip_rule(form: str, rho, gamma, eps, b1, bias_correction: bool) -> SophiaC
                           hessian_scale=scalar(1.0))
 
 
-def _refreshes(count: jax.Array, k, early_refresh_steps) -> jax.Array:
-    """Number of refresh steps among ``1..count``: every ``t <= early_refresh_steps`` and every
-    multiple of ``k`` after it, ``min(t, E) + max(0, ⌊t/k⌋ − ⌊E/k⌋)``."""
-    n = count // k
-    if _is_python_number(early_refresh_steps) and early_refresh_steps == 0:
-        return n
-    return jnp.minimum(count, early_refresh_steps) + jnp.maximum(n - early_refresh_steps // k, 0)
-
-
-def _hessian_scale(n: jax.Array, b2: float, like: jax.Array) -> jax.Array:
-    """``1 / (1 − β2ⁿ)``, the bias correction of an EMA started at 0 after ``n`` updates (1 for n = 0).
-
-    As ``−1 / expm1(n·log β2)`` with ``log β2`` taken in float64: ``1 − β2`` in float32 would be off by
-    1e-5 relative for β2 = 0.999.
-    """
-    log_b2 = jnp.asarray(math.log(b2) if b2 > 0 else -jnp.inf, like.dtype)
-    scale = -1.0 / jnp.expm1(n.astype(like.dtype) * log_b2)
-    return jnp.where(n > 0, scale, 1.0).astype(like.dtype)
-
-
-def _ratios(mu: PyTree, nu: PyTree, count: jax.Array, rule: SophiaClipRule) -> PyTree:
-    """The unclipped ratios ``m̂ / max(gamma·h + shift, floor)`` (see :class:`SophiaClipRule`)."""
-    m_hat = optax.tree.bias_correction(mu, rule.bias_decay, count)
-
-    def ratio(m, n):
-        gamma, shift, floor, scale = (
-            x.astype(n.dtype) for x in (rule.gamma, rule.shift, rule.floor, rule.hessian_scale)
-        )
-        return m / jnp.maximum((gamma * scale) * n + shift, floor)
-
-    return jax.tree.map(ratio, m_hat, nu)
-
-
-def _clip(bound: jax.Array) -> Callable[[jax.Array], jax.Array]:
-    def clip(r):
-        b = bound.astype(r.dtype)
-        return jnp.clip(r, -b, b)
-
-    return clip
-
-
 @jax.jit
 def _win_rate(state: SophiaState) -> jax.Array:
-    leaves = jax.tree.leaves(_ratios(state.mu, state.nu, state.count, state.clip_rule))
+    leaves = jax.tree.leaves(_step.ratios(state.mu, state.nu, state.count, state.clip_rule))
     size = sum(int(np.prod(np.shape(r))) for r in leaves)
     if not size:
         return jnp.ones([], jnp.float32)
-    rate = _count_below(leaves, state.clip_rule.bound) / size
+    rate = _step.count_below(leaves, state.clip_rule.bound) / size
     return jnp.where(state.count > 0, rate, 1.0).astype(jnp.float32)
 
 
@@ -408,16 +322,16 @@ def sophia(
     validation.check_nonnegative("gamma", gamma)
     validation.check_bool("bias_correction", bias_correction)
     validation.check_bool("hessian_bias_correction", hessian_bias_correction)
-    if _is_python_number(early_refresh_steps) or isinstance(early_refresh_steps, (bool, np.generic)):
+    if _step.is_python_number(early_refresh_steps) or isinstance(early_refresh_steps, (bool, np.generic)):
         validation.check_nonnegative_int("early_refresh_steps", early_refresh_steps)
-    if _is_python_number(k) or isinstance(k, (bool, np.generic)):
+    if _step.is_python_number(k) or isinstance(k, (bool, np.generic)):
         validation.check_positive_int("k", k)
     est = _make_estimator(estimator, form, seed)
     mesh_axes = _distribution.check_mesh_axes(mesh_axes)
     b1, b2 = betas
-    static_k_is_one = isinstance(k, numbers.Integral) and not isinstance(k, bool) and k == 1
-    no_early = _is_python_number(early_refresh_steps) and early_refresh_steps == 0
     clip_rule = _clip_rule(form, rho, gamma, eps, b1, bias_correction)
+    hp = _step.Hyper(b1, b2, k, early_refresh_steps, weight_decay, weight_decay_mask, hessian_bias_correction,
+                     clip_rule)
 
     def init_fn(params):
         _params.check_real(params, "so_optax.sophia", "e.g. a real array of shape (..., 2) viewed as complex "
@@ -440,63 +354,9 @@ def sophia(
     def update_fn(updates, state: SophiaState, params=None, **extra_args):
         if params is None:
             raise ValueError("Missing params: so_optax.sophia needs update(grads, state, params, ...)")
-        grads = updates
         where = _distribution.placement(mesh_axes)
         where.check_tree(params, "params", mesh_axes)
-        # The moments' math runs where the state is stored; the estimator sees the user's arrays.
-        count = optax.safe_increment(state.count)
-        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(m.dtype), state.mu, where.store(grads))
-
-        def refresh(est_state, nu):
-            h_hat, est_state = est.update(grads, est_state, params, **extra_args)
-            nu = jax.tree.map(lambda n, e: b2 * n + (1.0 - b2) * e.astype(n.dtype), nu, where.store(h_hat))
-            return where.store(est_state), where.store(nu)
-
-        def keep(est_state, nu):
-            return est_state, nu
-
-        if static_k_is_one:
-            est_state, nu = refresh(state.estimator_state, state.nu)
-        else:
-            due = count % k == 0
-            if not no_early:
-                due = due | (count <= early_refresh_steps)
-            est_state, nu = jax.lax.cond(due, refresh, keep, state.estimator_state, state.nu)
-
-        rule = clip_rule
-        if hessian_bias_correction:
-            n = count if static_k_is_one else _refreshes(count, k, early_refresh_steps)
-            rule = rule._replace(hessian_scale=_hessian_scale(n, b2, rule.hessian_scale))
-        direction = jax.tree.map(_clip(rule.bound), _ratios(mu, nu, count, rule))
-
-        if not (_is_python_number(weight_decay) and weight_decay == 0):
-            mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
-
-            stored_params = where.store(params)
-
-            def decay(d, p):
-                return d + weight_decay * p.astype(d.dtype)
-
-            if mask is None:
-                direction = jax.tree.map(decay, direction, stored_params)
-            else:
-
-                def masked_decay(flag, d_sub, p_sub):
-                    return jax.tree.map(
-                        lambda d, p: jnp.where(flag, decay(d, p), d), d_sub, p_sub
-                    )
-
-                direction = jax.tree.map(masked_decay, mask, direction, stored_params)
-
-        direction = jax.tree.map(lambda d, g: d.astype(jnp.result_type(g)), direction, grads)
-        direction = where.like(direction, grads)
-        new_state = where.store(SophiaState(
-            count=count,
-            mu=mu,
-            nu=nu,
-            estimator_state=est_state,
-            clip_rule=rule,
-        ))
-        return direction, new_state
+        direction, fields = _step.update(hp, est, where, updates, state, params, extra_args)
+        return direction, where.store(SophiaState(**fields))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,15 +14,19 @@ estimate ``ĥ`` of the Hessian diagonal. Two estimators are provided here as sma
   ``E[v ⊙ (H v)] = diag(H)``. ``H v`` is one double backward pass (reverse-over-reverse) through a
   gradient computed with ``create_graph=True``.
 
-All functions handle every parameter in ONE autograd call.
+All functions handle every parameter in ONE autograd call. At the end: what one step of Sophia needs of
+them (its arguments, checked at every step, and its estimates of the refreshed parameters).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from torch_bridge._distributed import local
 
 __all__ = [
     "sample_labels",
@@ -287,3 +291,88 @@ def hutchinson_hessian_diagonal(
             est.abs_()
         out.append(est)
     return out
+
+
+_MISSING_LOGITS = (
+    "Sophia (gnb) needs `logits` at every step (the estimate uses them on refresh steps, every k-th): call "
+    "loss.backward(retain_graph=optimizer.refreshes_next_step()) then optimizer.step(logits=logits); for "
+    "estimates made by hand use hessian_computation_type='manual' and update_hessian()"
+)
+_MISSING_CLOSURE = (
+    "Sophia (hutchinson) needs `closure` at every step, a callable returning the loss (without calling "
+    "backward()): call optimizer.step(closure=closure)"
+)
+
+
+def check_step_arguments(groups: Sequence[dict[str, Any]], closure: Callable | None,
+                         logits: torch.Tensor | None) -> None:
+    """A ``'gnb'`` group needs ``logits`` and a ``'hutchinson'`` group ``closure`` at every step that has a
+    parameter to train, as the JAX side needs ``logits_fn`` / ``obj_fn`` at every ``update``."""
+    for group in groups:
+        if not any(p.requires_grad for p in group["params"]):
+            continue
+        kind = group["hessian_computation_type"]
+        if kind == "gnb" and logits is None:
+            raise ValueError(_MISSING_LOGITS)
+        if kind == "hutchinson" and closure is None:
+            raise ValueError(_MISSING_CLOSURE)
+
+
+def num_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
+    """``N``, the number of label positions of the GNB estimate (the mask's ``True`` entries)."""
+    if mask is None:
+        return float(logits.reshape(-1, logits.shape[-1]).shape[0])
+    return mask.to(torch.bool).sum().to(logits.dtype)
+
+
+def sophia_gnb_estimates(
+    logits: torch.Tensor | None,
+    logits_mask: torch.Tensor | None,
+    refresh: list[tuple[torch.Tensor, dict[str, Any]]],
+    everything: Sequence[torch.Tensor],
+    sample: Callable[[torch.Tensor], torch.Tensor],
+    distributor: Any,
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Sophia-G's estimates of the ``(parameter, group)`` pairs in ``refresh``: one label sample (``sample``,
+    the optimizer's hook) and one backward through the ``distributor`` (``everything``: all parameters);
+    ``ĝ ⊙ ĝ``, times ``N`` in the paper form."""
+    if not torch.is_tensor(logits) or logits.dim() < 1:
+        raise ValueError("Invalid logits: expected a (..., num_classes) tensor")
+    labels = sample(logits.detach())
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"Invalid labels from _sample_labels: shape {tuple(labels.shape)}, expected "
+            f"logits.shape[:-1] = {tuple(logits.shape[:-1])}"
+        )
+    grads, positions = distributor.gnb_gradients(logits, [p for p, _ in refresh], everything, labels, logits_mask)
+    if not distributor.distributed:
+        positions = num_positions(logits, logits_mask)
+    estimates = {}
+    for (p, group), g in zip(refresh, grads):
+        est = g * g if g is not None else torch.zeros_like(local(p))
+        if group["form"] == "paper":  # the paper's B * g_hat^2 (B: the whole batch's label positions)
+            est.mul_(positions)
+        estimates[p] = est
+    return estimates
+
+
+def sophia_closure_estimates(
+    closure: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    refresh_group: dict[torch.Tensor, dict[str, Any]],
+    distributor: Any,
+    draw: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+) -> tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+    """Evaluates Sophia-H's loss-returning closure: ``(loss, gradients of params, Hutchinson estimates of the
+    parameters in refresh_group, by the probes of draw)``, the seed form taking ``|v ⊙ Hv|``."""
+    with torch.enable_grad():
+        loss = closure()
+        if not torch.is_tensor(loss) or not loss.requires_grad:
+            raise ValueError(
+                "Invalid closure: for 'hutchinson' it must return the loss as a tensor with its "
+                "autograd graph (computed with grad enabled, backward() not called)"
+            )
+        grad_map, triples = distributor.closure_gradients(loss, params, list(refresh_group), draw)
+    estimates = {p: hutchinson_hessian_diagonal([v], [hv], absolute=refresh_group[p]["form"] == "seed")[0]
+                 for p, v, hv in triples}  # the seed takes |v * Hv|
+    return loss.detach(), grad_map, estimates

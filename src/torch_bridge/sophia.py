@@ -16,29 +16,17 @@ from so_common import validation
 from torch_bridge._checkpoint import is_state_template_step, shard_like
 from torch_bridge._distributed import Distribution, local
 from torch_bridge._hessian_estimators import (
+    check_step_arguments,
     draw_probes,
-    hutchinson_hessian_diagonal,
     sample_labels,
+    sophia_closure_estimates,
+    sophia_gnb_estimates,
 )
-from torch_bridge._params import add_checked_param_group, check_lr, scalar
+from torch_bridge._params import add_checked_param_group
 from torch_bridge._sophia_distributed import SophiaDistributor
+from torch_bridge._sophia_step import check_hyperparameters, scratch_buffer, unclipped_counts, update_group
 
 __all__ = ["Sophia"]
-
-_ESTIMATORS = ("gnb", "hutchinson", "manual")
-_FORMS = ("seed", "paper")
-_PROBES = ("gaussian", "rademacher")
-
-_MISSING_LOGITS = (
-    "Sophia (gnb) needs `logits` at every step (the estimate uses them on refresh steps, every k-th): call "
-    "loss.backward(retain_graph=optimizer.refreshes_next_step()) then optimizer.step(logits=logits); for "
-    "estimates made by hand use hessian_computation_type='manual' and update_hessian()"
-)
-_MISSING_CLOSURE = (
-    "Sophia (hutchinson) needs `closure` at every step, a callable returning the loss (without calling "
-    "backward()): call optimizer.step(closure=closure)"
-)
-
 
 class Sophia(Optimizer):
     r"""Sophia: clipped, diagonally preconditioned momentum (Liu et al. 2023, arXiv:2305.14342).
@@ -192,7 +180,7 @@ class Sophia(Optimizer):
             early_refresh_steps=early_refresh_steps,
             probe=probe,
         )
-        _check_hyperparameters(**defaults)
+        check_hyperparameters(**defaults)
         defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
         self._dist = SophiaDistributor(self._distribution)
@@ -205,7 +193,7 @@ class Sophia(Optimizer):
         its parameters are real. An invalid group is not added."""
         add_checked_param_group(
             self, param_group, super().add_param_group,
-            lambda group: _check_hyperparameters(**{name: group[name] for name in self.defaults}),
+            lambda group: check_hyperparameters(**{name: group[name] for name in self.defaults}),
             "torch_bridge.Sophia",
         )
         self._distribution.add_last_group(self.param_groups)
@@ -275,16 +263,8 @@ class Sophia(Optimizer):
         )
 
     def _scratch(self, like: torch.Tensor, slot: int) -> torch.Tensor:
-        """A reused work buffer shaped like ``like`` (one per dtype/device/slot, grown to the largest
-        parameter; not part of the optimizer state)."""
-        cache = self.__dict__.setdefault("_scratch_buffers", {})
-        key = (like.dtype, like.device, slot)
-        buf = cache.get(key)
-        n = like.numel()
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=like.dtype, device=like.device)
-            cache[key] = buf
-        return buf[:n].view(like.shape)
+        """A reused work buffer shaped like ``like`` (not part of the optimizer state)."""
+        return scratch_buffer(self.__dict__.setdefault("_scratch_buffers", {}), like, slot)
 
     def _materialize_win_rate(self) -> None:
         """Evaluates the pending win-rate record of the latest step (same arithmetic as the step)."""
@@ -292,20 +272,8 @@ class Sophia(Optimizer):
         if record is None:
             return
         self._win_record = None
-        counts: list[torch.Tensor] = []
-        total = 0
         with torch.no_grad():
-            for ms, hs, corrections, scales, paper, bound, eps, gamma in record:
-                for i, (m, h) in enumerate(zip(ms, hs)):
-                    numer = m / corrections[i] if corrections is not None else m
-                    scale = scales[i] if scales is not None else 1.0
-                    if paper:
-                        ratio = numer / (h * (gamma * scale)).clamp_(min=eps)
-                    else:
-                        ratio = numer / (h * scale + eps if scales is not None else h + eps)
-                    counts.append((ratio.abs() < bound).sum())
-                    total += ratio.numel()
-        self._win_counts, self._win_total = counts, total
+            self._win_counts, self._win_total = unclipped_counts(record)
 
     # ------------------------------------------------------------------ internals
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -367,7 +335,7 @@ class Sophia(Optimizer):
             for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
                 self._init_state(p)
             return None
-        self._check_step_arguments(closure, logits)
+        check_step_arguments(self.param_groups, closure, logits)
         loss = None
         groups = self.param_groups
         hutch_groups = [g for g in groups if g["hessian_computation_type"] == "hutchinson"]
@@ -402,8 +370,11 @@ class Sophia(Optimizer):
 
         # --- the update: foreach (multi-tensor) ops over each group's parameters
         self._win_record = []
+        sharded = self._distribution.kind == "sharded"
         for group in groups:
-            self._update_group(group, grad_of, estimates)
+            record = update_group(group, grad_of, estimates, self._init_state, sharded, self._scratch)
+            if record is not None:
+                self._win_record.append(record)
         return loss
 
     def _gnb_refresh_due(self) -> bool:
@@ -417,126 +388,6 @@ class Sophia(Optimizer):
         model's forward and backward, are not counted)."""
         return self._distribution.stats
 
-    def _check_step_arguments(self, closure: Callable | None, logits: torch.Tensor | None) -> None:
-        """A ``'gnb'`` group needs ``logits`` and a ``'hutchinson'`` group ``closure`` at every step that has a
-        parameter to train, as the JAX side needs ``logits_fn`` / ``obj_fn`` at every ``update``."""
-        for group in self.param_groups:
-            if not any(p.requires_grad for p in group["params"]):
-                continue
-            kind = group["hessian_computation_type"]
-            if kind == "gnb" and logits is None:
-                raise ValueError(_MISSING_LOGITS)
-            if kind == "hutchinson" and closure is None:
-                raise ValueError(_MISSING_CLOSURE)
-
-    def _update_group(
-        self,
-        group: dict[str, Any],
-        grad_of: Callable[[torch.Tensor], torch.Tensor | None],
-        estimates: dict[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """One Sophia step for every parameter of ``group`` with a gradient (multi-tensor ops).
-
-        Per parameter this is exactly ``m.mul_(b1).add_(g, alpha=1-b1)``;
-        ``h.mul_(b2).add_(est, alpha=1-b2)`` on refresh; ``ratio = m̃ / (h + eps)`` (seed) or
-        ``m̃ / (gamma*h).clamp(min=eps)`` (paper); weight decay; ``p.add_(ratio.clamp(-b, b), alpha=-lr)``,
-        On CPU one tensor at a time through a reused scratch buffer (in-place ops, no per-step
-        allocations); elsewhere ``torch._foreach_*`` over the group (one launch per stage).
-        """
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = scalar(group["lr"]), group["weight_decay"], group["eps"]
-        paper = group["form"] == "paper"
-        params, grads, ms, hs, steps = [], [], [], [], []
-        h_refresh, est_refresh = [], []
-        for p in group["params"]:
-            grad = grad_of(p)
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("Sophia does not support sparse gradients")
-            state = self._init_state(p)
-            params.append(p)
-            grads.append(grad)
-            ms.append(state["momentum_buffer"])
-            hs.append(state["hessian_buffer"])
-            steps.append(state["step"])
-            est = estimates.get(p)
-            if est is not None:
-                h_refresh.append(state["hessian_buffer"])
-                est_refresh.append(est)
-        if not params:
-            return
-        if self._distribution.kind == "sharded":  # FSDP2: the elementwise math on this rank's rows
-            params, grads, ms, hs, h_refresh = ([local(t) for t in ts] for ts in (params, grads, ms, hs, h_refresh))
-        torch._foreach_add_(steps, 1)  # 0-d CPU int64 counters (no device sync)
-        corrections = None
-        if group["bias_correction"]:
-            corrections = [1.0 - beta1 ** int(t) for t in steps]
-        scales = None  # 1 / (1 - beta2**n) after n refreshes (n counted from the step as in so_optax)
-        if group["hessian_bias_correction"]:
-            counts = [_refreshes(int(t), group["k"], group["early_refresh_steps"]) for t in steps]
-            scales = [1.0 / (1.0 - beta2**n) if n > 0 else 1.0 for n in counts]
-        bound = 1.0 if paper else group["rho"]
-        gamma = group["gamma"]
-        decay = (1.0 - lr * wd) if paper else (1.0 - wd)
-        apply_decay = (wd != 0) if paper else (wd > 0)
-        if all(p.device.type == "cpu" for p in params):
-            # CPU: one tensor at a time through a reused scratch buffer (no per-step allocations,
-            # which page-fault, and the tensor stays in cache across the stages)
-            refreshed = {id(h): e for h, e in zip(h_refresh, est_refresh)}
-            for i, (p, g, m, h) in enumerate(zip(params, grads, ms, hs)):
-                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-                est = refreshed.get(id(h))
-                if est is not None:
-                    h.mul_(beta2).add_(est, alpha=1.0 - beta2)
-                d = self._scratch(h, 0)
-                if paper:
-                    torch.mul(h, gamma if scales is None else gamma * scales[i], out=d).clamp_(min=eps)
-                elif scales is None:
-                    torch.add(h, eps, out=d)
-                else:
-                    torch.mul(h, scales[i], out=d).add_(eps)
-                if corrections is not None:
-                    numer = torch.div(m, corrections[i], out=self._scratch(h, 1))
-                else:
-                    numer = m
-                torch.div(numer, d, out=d)
-                if apply_decay:
-                    p.mul_(decay)
-                p.add_(d.clamp_(min=-bound, max=bound), alpha=-lr)
-        else:
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, grads, alpha=1.0 - beta1)
-            if h_refresh:
-                torch._foreach_mul_(h_refresh, beta2)
-                torch._foreach_add_(h_refresh, est_refresh, alpha=1.0 - beta2)
-            if paper:
-                denom = torch._foreach_mul(hs, gamma if scales is None else [gamma * c for c in scales])
-                torch._foreach_clamp_min_(denom, eps)
-            elif scales is None:
-                denom = torch._foreach_add(hs, eps)
-            else:
-                denom = torch._foreach_mul(hs, scales)
-                torch._foreach_add_(denom, eps)
-            if apply_decay:
-                torch._foreach_mul_(params, decay)
-            if corrections is not None:
-                ratio = torch._foreach_div(ms, corrections)
-                torch._foreach_div_(ratio, denom)
-            else:
-                ratio = torch._foreach_div(ms, denom)
-            del denom
-            torch._foreach_clamp_min_(ratio, -bound)
-            torch._foreach_clamp_max_(ratio, bound)
-            torch._foreach_add_(params, ratio, alpha=-lr)
-        # The win rate is computed on demand (win_rate) from the m and h this step used: no per-step
-        # reductions. The record holds references to the state buffers, which change in place only
-        # at the next step (which replaces the record) or in update_hessian / load_state_dict (which
-        # first evaluate it).
-        self._win_record.append(
-            (ms, hs, corrections, scales, paper, bound, eps, group["gamma"] if paper else None)
-        )
-
     def _gnb_estimates(
         self,
         logits: torch.Tensor | None,
@@ -544,26 +395,8 @@ class Sophia(Optimizer):
         refresh: list[tuple[torch.Tensor, dict[str, Any]]],
     ) -> dict[torch.Tensor, torch.Tensor]:
         """One label sample and one backward for all refreshed 'gnb' parameters."""
-        if not torch.is_tensor(logits) or logits.dim() < 1:
-            raise ValueError("Invalid logits: expected a (..., num_classes) tensor")
-        labels = self._sample_labels(logits.detach())
-        if tuple(labels.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(
-                f"Invalid labels from _sample_labels: shape {tuple(labels.shape)}, expected "
-                f"logits.shape[:-1] = {tuple(logits.shape[:-1])}"
-            )
         everything = [p for group in self.param_groups for p in group["params"]]
-        grads, num_positions = self._dist.gnb_gradients(logits, [p for p, _ in refresh], everything, labels,
-                                                        logits_mask)
-        if not self._dist.distributed:
-            num_positions = _num_positions(logits, logits_mask)
-        estimates = {}
-        for (p, group), g in zip(refresh, grads):
-            est = g * g if g is not None else torch.zeros_like(local(p))
-            if group["form"] == "paper":  # the paper's B * g_hat^2 (B: the whole batch's label positions)
-                est.mul_(num_positions)
-            estimates[p] = est
-        return estimates
+        return sophia_gnb_estimates(logits, logits_mask, refresh, everything, self._sample_labels, self._dist)
 
     def _closure_gradients(
         self, closure: Callable[[], torch.Tensor], hutch_groups: list[dict[str, Any]]
@@ -576,17 +409,7 @@ class Sophia(Optimizer):
             for p in g["params"]
             if p.requires_grad and self._next_step_refreshes(p, g)
         }
-        with torch.enable_grad():
-            loss = closure()
-            if not torch.is_tensor(loss) or not loss.requires_grad:
-                raise ValueError(
-                    "Invalid closure: for 'hutchinson' it must return the loss as a tensor with its "
-                    "autograd graph (computed with grad enabled, backward() not called)"
-                )
-            grad_map, triples = self._dist.closure_gradients(loss, params, list(refresh_group), self._draw_probes)
-        estimates = {p: hutchinson_hessian_diagonal([v], [hv], absolute=refresh_group[p]["form"] == "seed")[0]
-                     for p, v, hv in triples}  # the seed takes |v * Hv|
-        return loss.detach(), grad_map, estimates
+        return sophia_closure_estimates(closure, params, refresh_group, self._dist, self._draw_probes)
 
     @torch.no_grad()
     def update_hessian(self, batch_size: float | None = None) -> None:
@@ -616,54 +439,3 @@ class Sophia(Optimizer):
                 h, g = local(self._init_state(p)["hessian_buffer"]), local(p.grad)
                 h.mul_(beta2).addcmul_(g, g, value=(1.0 - beta2) * scale)
 
-
-def _refreshes(t: int, k: int, early_refresh_steps: int) -> int:
-    """Number of refresh steps among ``1..t``: every ``t' <= early_refresh_steps`` and every multiple of
-    ``k`` after it (the count ``so_optax.sophia`` uses)."""
-    return min(t, early_refresh_steps) + max(0, t // k - early_refresh_steps // k)
-
-
-def _num_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
-    if mask is None:
-        return float(logits.reshape(-1, logits.shape[-1]).shape[0])
-    return mask.to(torch.bool).sum().to(logits.dtype)
-
-
-def _check_hyperparameters(
-    *,
-    lr: Any,
-    betas: Any,
-    rho: Any,
-    weight_decay: Any,
-    k: Any,
-    hessian_computation_type: Any,
-    eps: Any,
-    form: Any,
-    gamma: Any,
-    bias_correction: Any,
-    hessian_bias_correction: Any,
-    early_refresh_steps: Any,
-    probe: Any,
-) -> None:
-    check_lr(lr)
-    validation.check_betas("betas", betas)
-    validation.check_nonnegative("rho", rho)
-    validation.check_nonnegative("weight_decay", weight_decay)
-    validation.check_positive_int("k", k)
-    validation.check_choice("hessian_computation_type", hessian_computation_type, _ESTIMATORS)
-    validation.check_nonnegative("eps", eps)
-    validation.check_choice("form", form, _FORMS)
-    validation.check_positive("gamma", gamma)
-    validation.check_bool("bias_correction", bias_correction)
-    validation.check_bool("hessian_bias_correction", hessian_bias_correction)
-    validation.check_nonnegative_int("early_refresh_steps", early_refresh_steps)
-    short_horizon = (("hessian_bias_correction", hessian_bias_correction), ("early_refresh_steps", early_refresh_steps))
-    for name, on in short_horizon:
-        if on and hessian_computation_type == "manual":
-            raise ValueError(
-                f"Invalid {name}: {on!r} with hessian_computation_type='manual' (the optimizer does not "
-                "schedule manual refreshes; leave it at its default)"
-            )
-    validation.check_choice("probe", probe, _PROBES)
-    if form == "paper":
-        validation.check_positive("eps", eps)
