@@ -1,6 +1,6 @@
 """Where the so_optax optimizers keep their state and run their work on a device mesh.
 
-The optimizers' math (``_soap_step.py``, ``_sophia.py``) does not know about devices; this module is the
+The optimizers' math (``_soap_step.py``, ``_sophia_step.py``) does not know about devices; this module is the
 layer that does. Under ``jax.set_mesh(mesh)`` it reads the mesh when a step is traced and
 
 * **stores** every floating-point state array split over the mesh axes the optimizer may use
