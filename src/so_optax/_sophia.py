@@ -271,10 +271,10 @@ def sophia(
       weight_decay: decoupled weight decay added to the direction (see above).
       k: refresh the Hessian estimate every ``k`` steps (``t = k, 2k, ...``).
       estimator: ``'gnb'``, ``'hutchinson'`` or a transformation (see above).
-      eps: seed form: added to ``h``; paper form: lower bound of ``gamma·h``.
+      eps: seed form: added to ``h``; paper form: lower bound of ``gamma·h`` (must be ``> 0``).
       form: ``'seed'`` (default; the seed optimizer's rule) or ``'paper'`` (the paper's).
-      gamma: the paper form's curvature scale (called ρ in the paper's code; unused in the seed
-        form).
+      gamma: the paper form's curvature scale, ``> 0`` (called ρ in the paper's code; unused in the
+        seed form).
       bias_correction: divide ``m`` by ``1 − β1^t`` (Adam-style); off in the seed and in the
         official SophiaG, on in the official SophiaH.
       hessian_bias_correction: divide ``h`` by ``1 − β2ⁿ`` in the ratio, ``n`` the number of
@@ -319,7 +319,9 @@ def sophia(
     validation.check_nonnegative("rho", rho)
     validation.check_nonnegative("weight_decay", weight_decay)
     validation.check_nonnegative("eps", eps)
-    validation.check_nonnegative("gamma", gamma)
+    validation.check_positive("gamma", gamma)
+    if form == "paper":  # max(gamma * h, eps) is the divisor: 0 would divide 0 by 0
+        validation.check_positive("eps", eps)
     validation.check_bool("bias_correction", bias_correction)
     validation.check_bool("hessian_bias_correction", hessian_bias_correction)
     if _step.is_python_number(early_refresh_steps) or isinstance(early_refresh_steps, (bool, np.generic)):

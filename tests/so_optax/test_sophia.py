@@ -392,6 +392,8 @@ def test_missing_extra_args_raise_at_trace_time():
         (dict(k=2.5), "k"),
         (dict(eps=-1e-8), "eps"),
         (dict(gamma=-1.0), "gamma"),
+        (dict(gamma=0.0), "gamma"),
+        (dict(form="paper", eps=0.0), "eps"),
         (dict(form="official"), "form"),
         (dict(estimator="fisher"), "estimator"),
         (dict(estimator=42), "estimator"),
