@@ -137,83 +137,116 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def heatmap(doc: dict, path: Path, optimizers=("sophia-g", "sophia-h")) -> None:
-    """Final held-out loss over lr × gamma per estimator: every seed-0, 600-step cell (any phase) whose other
-    settings are the grid's (``study_plan.GRID_BASE``); blank where no run was made."""
+def heatmap_panels(doc: dict) -> list[tuple[str, study_plan.Cell]]:
+    """(optimizer, a cell with the panel's settings) of each lr × gamma panel: Sophia-G's first grid (warm-up 10 %,
+    official betas, Hessian bias-corrected), then each estimator's grid at beta1 0.9 where it has been run."""
+    panels = [("sophia-g", study_plan.Cell.make("sophia-g", 1.0, **study_plan.GRID_BASE))]
+    for opt in ("sophia-g", "sophia-h"):
+        if any(r["phase"] == "beta1-g" and r["cell"]["optimizer"] == opt for r in doc["runs"]):
+            panels.append((opt, study_plan.grid_2_base(doc["runs"], opt)))
+    return panels
+
+
+def grid_cells(doc: dict, optimizer: str, ref: study_plan.Cell) -> dict:
+    """{(gamma, lr): run} of the seed-0, 600-step JAX cells of ``optimizer`` (any phase) on the heatmap's axes
+    whose other settings are ``ref``'s."""
+    found = {}
+    for r in doc["runs"]:
+        c = study_plan.Cell.from_dict(r["cell"])
+        on_axes = c.lr in study_plan.HEATMAP_LRS and c.get("sophia_gamma") in study_plan.HEATMAP_GAMMAS
+        if (c.optimizer, c.steps, c.seed, c.framework) == (optimizer, 600, 0, "jax") and on_axes and \
+                c.with_(sophia_gamma=ref.get("sophia_gamma"), lr=ref.lr).settings == ref.settings:
+            found[(c.get("sophia_gamma"), c.lr)] = r
+    return found
+
+
+def heatmap(doc: dict, path: Path) -> None:
+    """Final held-out loss over lr × gamma per :func:`heatmap_panels` entry (blank where no run was made), and the
+    warm-up panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    base = study_plan.Cell.make("sophia-g", 1.0, **study_plan.GRID_BASE)
-    panels = []
-    for opt in optimizers:
-        found = {}
-        for r in doc["runs"]:
-            c = study_plan.Cell.from_dict(r["cell"])
-            on_axes = c.lr in study_plan.HEATMAP_LRS and c.get("sophia_gamma") in study_plan.HEATMAP_GAMMAS
-            if (c.optimizer, c.steps, c.seed, c.framework) == (opt, 600, 0, "jax") and on_axes and \
-                    c.with_(sophia_gamma=base.get("sophia_gamma"), lr=1.0).settings == base.settings:
-                found[(c.get("sophia_gamma"), c.lr)] = r
-        if found:
-            panels.append((opt, found))
+    panels = [(opt, ref, found) for opt, ref in heatmap_panels(doc) if (found := grid_cells(doc, opt, ref))]
     if not panels:
         return
     adamw = [_final(r) for r in doc["runs"] if r["cell"]["optimizer"] == "adamw" and r["cell"]["steps"] == 600
              and r["cell"]["seed"] == 0 and not r["cell"]["settings"] and r["cell"]["framework"] == "jax"]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6.0 * (len(panels) + 1), 5.0), squeeze=False)
-    warmup_panel(doc, axes[0][-1], min(adamw) if adamw else None)
-    for ax, (opt, found) in zip(axes[0], panels):
-        gammas, lrs = sorted({g for g, _ in found}), sorted({lr for _, lr in found})
-        grid = np.full((len(gammas), len(lrs)), np.nan)
-        wins = np.full_like(grid, np.nan)
-        for (g, lr), r in found.items():
-            i, j = gammas.index(g), lrs.index(lr)
-            grid[i, j] = min(_final(r), 3.0)
-            wins[i, j] = r["result"]["win_rate"][-1] if r["result"].get("win_rate") else np.nan
-        top = min(np.nanmax(grid), 2.2)
-        im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=np.nanmin(grid), vmax=top, aspect="auto")
-        for i in range(len(gammas)):
-            for j in range(len(lrs)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3f}\nwin {wins[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if grid[i, j] > (np.nanmin(grid) + top) / 2 else "black")
-        ax.set_xticks(range(len(lrs)), [f"{x:.3g}" for x in lrs])
-        ax.set_yticks(range(len(gammas)), [f"{g:g}" for g in gammas])
-        ax.set_xlabel("peak learning rate")
-        ax.set_ylabel("gamma")
-        name = {"sophia-g": "Sophia-G", "sophia-h": "Sophia-H"}[opt]
-        ref = f"; AdamW (lr 6e-3) {min(adamw):.3f}" if adamw else ""
-        ax.set_title(f"{name}: final held-out loss, win rate at the end{ref}", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle("JAX, 600 steps, seed 0; betas (0.965, 0.99), Hessian EMA bias-corrected,\nwarm-up 10 %, "
-                 "no clipping (colour scale capped at 2.2)", fontsize=9)
+    adamw = min(adamw) if adamw else None
+    cols = 2
+    rows = (len(panels) + 1 + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 5.0 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, (opt, ref, found) in zip(flat, panels):
+        grid_panel(fig, ax, opt, ref, found, adamw)
+    warmup_panel(doc, flat[len(panels)], adamw)
+    for ax in flat[len(panels) + 1:]:
+        ax.axis("off")
+    fig.suptitle("JAX, 600 steps, seed 0, no clipping; colour scale capped at 2.2", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def grid_panel(fig, ax, opt: str, ref: study_plan.Cell, found: dict, adamw: float | None) -> None:
+    import numpy as np
+
+    gammas, lrs = sorted({g for g, _ in found}), sorted({lr for _, lr in found})
+    grid = np.full((len(gammas), len(lrs)), np.nan)
+    wins = np.full_like(grid, np.nan)
+    for (g, lr), r in found.items():
+        i, j = gammas.index(g), lrs.index(lr)
+        grid[i, j] = min(_final(r), 3.0)
+        wins[i, j] = r["result"]["win_rate"][-1] if r["result"].get("win_rate") else np.nan
+    top = min(np.nanmax(grid), 2.2)
+    im = ax.imshow(grid, origin="lower", cmap="viridis_r", vmin=np.nanmin(grid), vmax=top, aspect="auto")
+    for i in range(len(gammas)):
+        for j in range(len(lrs)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}\nwin {wins[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] > (np.nanmin(grid) + top) / 2 else "black")
+    ax.set_xticks(range(len(lrs)), [f"{x:.3g}" for x in lrs])
+    ax.set_yticks(range(len(gammas)), [f"{g:g}" for g in gammas])
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("gamma")
+    name = {"sophia-g": "Sophia-G", "sophia-h": "Sophia-H"}[opt]
+    hbc = ", Hessian bias-corrected" if ref.get("sophia_hessian_bias_correction") else ""
+    b1, b2 = ref.get("sophia_betas")
+    against = f"; AdamW (lr 6e-3, warm-up 10 %) {adamw:.3f}" if adamw is not None else ""
+    ax.set_title(f"{name}, betas ({b1}, {b2}), warm-up {ref.get('warmup_frac'):.0%}{hbc}\nfinal held-out loss, "
+                 f"win rate at the end{against}", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+
+
 def warmup_panel(doc: dict, ax, adamw: float | None) -> None:
-    """Final held-out loss over lr per warm-up fraction: Sophia-G and Sophia-H at gamma 0.05 (official betas, with
-    and without the Hessian bias correction) and the Signum control; seed 0, 600 steps, JAX, no clipping."""
+    """Final held-out loss over lr, a line per (optimizer, warm-up, beta1, gamma, Hessian bias correction) with at
+    least two lrs: Sophia-G, Sophia-H and the Signum control; seed 0, 600 steps, JAX, no clipping, beta2 0.99."""
     styles = {"sophia-g": ("tab:orange", "^"), "sophia-h": ("tab:green", "v"), "signum": ("tab:purple", "D")}
+    default = study_plan.Cell.make("sophia-g", 1.0)
     lines: dict = {}
     for r in doc["runs"]:
         c = study_plan.Cell.from_dict(r["cell"])
         if (c.steps, c.seed, c.framework) != (600, 0, "jax") or c.optimizer not in styles:
             continue
-        rest = c.with_(warmup_frac=0.1, sophia_hessian_bias_correction=False, lr=1.0)
+        b1 = c.get("sophia_betas")[0]
+        rest = c.with_(warmup_frac=0.1, sophia_hessian_bias_correction=False, lr=1.0,
+                       sophia_gamma=default.get("sophia_gamma"), sophia_betas=(0.965, 0.99))
         if rest.settings != ():
             continue
-        hbc = c.get("sophia_hessian_bias_correction") and c.optimizer != "signum"
-        lines.setdefault((c.optimizer, c.get("warmup_frac"), hbc), []).append((c.lr, _final(r)))
-    for (opt, warm, hbc), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        sign = c.optimizer == "signum"
+        key = (c.optimizer, c.get("warmup_frac"), b1, None if sign else c.get("sophia_gamma"),
+               bool(c.get("sophia_hessian_bias_correction")) and not sign)
+        lines.setdefault(key, []).append((c.lr, _final(r)))
+    for (opt, warm, b1, gamma, hbc), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        if len(pts) < 2:
+            continue
         pts.sort()
         color, marker = styles[opt]
         ax.plot([x for x, _ in pts], [min(y, 3.0) for _, y in pts], color=color, marker=marker,
-                ms={0.1: 4, 0.3: 5}.get(warm, 8), ls={0.1: "--", 0.3: "-"}.get(warm, "-."),
-                alpha=1.0 if not hbc else 0.6, mfc="none" if hbc else color,
-                label=f"{opt}, warm-up {warm:.0%}{', hbc' if hbc else ''}")
+                ms=4 if b1 != 0.9 else 7, ls={0.1: "--", 0.3: "-", 0.5: "-."}.get(warm, ":"),
+                alpha=1.0 if b1 == 0.9 else 0.45, mfc="none" if hbc else color,
+                label=f"{opt}, warm-up {warm:.0%}, β1 {b1}" + (f", γ {gamma}" if gamma else "")
+                + (", hbc" if hbc else ""))
     if adamw is not None:
         ax.axhline(adamw, color="black", lw=0.9, ls=":", label=f"AdamW lr 6e-3, warm-up 10 %: {adamw:.3f}")
     own = [_final(r) for r in doc["runs"] if r["cell"]["optimizer"] == "adamw" and r["cell"]["seed"] == 0
@@ -224,9 +257,9 @@ def warmup_panel(doc: dict, ax, adamw: float | None) -> None:
     ax.set_ylim(None, 2.3)
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final held-out loss")
-    ax.set_title("gamma 0.05: the warm-up moves the lr optimum (capped at 2.3)", fontsize=9)
+    ax.set_title("the warm-up moves the lr optimum; beta1 0.9 (bold) moves the loss (capped at 2.3)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=5.5, ncol=2)
 
 
 def diagnose(cell: study_plan.Cell, at: int, window: int = 50) -> dict:

@@ -7,90 +7,11 @@ the phase order in :data:`ORDER`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from collections.abc import Callable
 
-from . import common
+from .study_cells import Cell, _final, best
 
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    framework: str
-    optimizer: str
-    lr: float
-    steps: int = 600
-    seed: int = 0
-    settings: tuple = ()  # sorted (TrainConfig field, value) pairs, the fields that differ from the defaults
-
-    @classmethod
-    def make(cls, optimizer: str, lr: float, framework: str = "jax", steps: int = 600, seed: int = 0,
-             **settings) -> Cell:
-        defaults = common.TrainConfig()
-        for name in settings:
-            if not hasattr(defaults, name):
-                raise ValueError(f"settings: {name!r} is not a TrainConfig field")
-        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-        settings = {k: v for k, v in settings.items() if v != getattr(defaults, k)}
-        if not optimizer.startswith("sophia"):  # Signum's beta is Sophia's beta1
-            settings = {k: v for k, v in settings.items() if not k.startswith("sophia_")
-                        or (optimizer == "signum" and k == "sophia_betas")}
-        return cls(framework, optimizer, float(f"{lr:.6g}"), steps, seed, tuple(sorted(settings.items())))
-
-    def settings_dict(self) -> dict:
-        return dict(self.settings)
-
-    def get(self, name: str):
-        """A TrainConfig field's value in this cell (the default if the cell does not set it)."""
-        return self.settings_dict().get(name, getattr(common.TrainConfig(), name))
-
-    def with_(self, **changes) -> Cell:
-        top = {k: changes.pop(k) for k in ("framework", "lr", "steps", "seed", "optimizer") if k in changes}
-        d = dict(framework=self.framework, optimizer=self.optimizer, lr=self.lr, steps=self.steps,
-                 seed=self.seed, **self.settings_dict())
-        d.update(top)
-        d.update(changes)
-        return Cell.make(**d)
-
-    def key(self) -> str:
-        return json.dumps([self.framework, self.optimizer, f"{self.lr:.6g}", self.steps, self.seed,
-                           [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.settings]])
-
-    def to_dict(self) -> dict:
-        return dict(framework=self.framework, optimizer=self.optimizer, lr=self.lr, steps=self.steps,
-                    seed=self.seed, settings={k: list(v) if isinstance(v, tuple) else v for k, v in self.settings})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Cell:
-        return cls.make(d["optimizer"], d["lr"], d["framework"], d["steps"], d["seed"], **d["settings"])
-
-    def settings_text(self) -> str:
-        short = {"sophia_gamma": "γ", "sophia_betas": "betas", "sophia_hessian_bias_correction": "hbc",
-                 "sophia_early_refresh_steps": "early", "warmup_frac": "warm-up", "clip_grad_norm": "clip",
-                 "sophia_eps": "eps", "weight_decay": "wd"}
-        return ", ".join(f"{short.get(k, k)} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                         for k, v in self.settings) or "defaults"
-
-    def label(self) -> str:
-        return f"{self.framework} {self.optimizer} lr={self.lr:.3g} steps={self.steps} seed={self.seed} " \
-               f"[{self.settings_text()}]"
-
-    def cost(self) -> float:
-        per_step = {"sophia-h": 2.3, "sophia-g": 1.0, "soap": 1.2}.get(self.optimizer, 0.7)
-        return per_step * self.steps * (1.5 if self.framework == "torch" else 1.0)
-
-
-def _final(run: dict) -> float:
-    v = run["result"]["final_eval"]
-    return v if v is not None and math.isfinite(v) else float("inf")
-
-
-def best(runs: list[dict], phases: tuple[str, ...], optimizer: str, n: int = 1) -> list[Cell]:
-    """The ``n`` best seed-0 cells of ``optimizer`` recorded in ``phases``."""
-    pool = [r for r in runs if r["phase"] in phases and r["cell"]["optimizer"] == optimizer
-            and r["cell"]["seed"] == 0 and r["cell"]["steps"] == 600]
-    return [Cell.from_dict(r["cell"]) for r in sorted(pool, key=_final)[:n]]
+__all__ = ["Cell", "best", "PHASES", "ORDER"]
 
 
 # --- The phases ----------------------------------------------------------------------------------------
@@ -235,9 +156,10 @@ def combined_h(runs) -> list[Cell]:
             for lr, w in ((4.7e-4, 0.3), (6e-4, 0.5))]
 
 
-SOPHIA_PHASES = {"sophia-g": ("probe", "grid-g", "gamma-g", "one-factor-g", "combined-g", "warmup-lr-g"),
-                 "sophia-h": ("grid-h", "combined-h")}
-CONTROL_PHASES = ("probe", "controls", "controls-2")
+SOPHIA_PHASES = {"sophia-g": ("probe", "grid-g", "gamma-g", "one-factor-g", "combined-g", "warmup-lr-g",
+                              "warmup-lr-g-2", "one-factor-g-2", "beta1-g", "grid-g-2"),
+                 "sophia-h": ("grid-h", "combined-h", "combined-h-2", "beta1-g", "grid-h-2")}
+CONTROL_PHASES = ("probe", "controls", "controls-2", "controls-3", "beta1-g", "controls-4")
 
 
 def controls_2(runs) -> list[Cell]:
@@ -272,15 +194,110 @@ def default_200(runs) -> list[Cell]:
             for fw in ("jax", "torch")]
 
 
-def horizon(runs) -> list[Cell]:
-    """AdamW and the best Sophia-G / Sophia-H for 3,000 steps (the same schedule shape: warm-up fraction and
-    cosine to 10 % over the longer run). Not run: ~5x a 600-step run each (25-60 min on the shared 2 cores)."""
-    return [c.with_(steps=3000) for c in finalists(runs) if c.optimizer != "signum"]
-
-
 def torch_confirmation(runs) -> list[Cell]:
     """The best Sophia-G in PyTorch (torch_bridge.Sophia). (Sophia-H and AdamW in PyTorch: not run, time.)"""
     return [c.with_(framework="torch") for c in finalists(runs) if c.optimizer == "sophia-g"]
+
+
+
+# --- The second round: longer warm-ups, the grids at the best warm-up, the horizon ------------------------
+
+# (lr, warm-up, gamma) of the warmup-lr-g-2 phase, in the order they ran: the 50 % warm-up was still improving
+# on 30 %, so longer warm-ups, with larger lrs, and with larger gammas (at 10 % the loss fell with gamma at the
+# larger lrs). Then the eps floor of gamma·h at the 50 % recipe (1e-4 / 1e-5: about |m| of the blocks' matrices).
+WARMUP_CELLS_2 = ((6e-4, 0.7, 0.05), (8.5e-4, 0.5, 0.05), (8.5e-4, 0.7, 0.05), (8.5e-4, 0.5, 0.1),
+                  (1.2e-3, 0.7, 0.05), (8.5e-4, 0.7, 0.1), (8.5e-4, 0.9, 0.05), (1.2e-3, 0.7, 0.1),
+                  (1.7e-3, 0.7, 0.2), (1.2e-3, 0.5, 0.1), (7.5e-4, 0.7, 0.05))
+
+
+def warmup_lr_g_2(runs) -> list[Cell]:
+    """Sophia-G (Hessian bias-corrected) with warm-ups 50-90 %, lrs 6e-4-1.7e-3 and gamma 0.05-0.2; and the eps
+    floor at the previous recipe (6e-4, 50 %)."""
+    g = Cell.make("sophia-g", 6e-4, **GRID_BASE)
+    return ([g.with_(lr=lr, warmup_frac=w, sophia_gamma=x) for lr, w, x in WARMUP_CELLS_2]
+            + [g.with_(warmup_frac=0.5, sophia_eps=e) for e in (1e-4, 1e-5)])
+
+
+ROUND_2 = Cell.make("sophia-g", 8.5e-4, sophia_gamma=0.1, warmup_frac=0.7, **GRID_BASE)
+"""The best cell of warmup-lr-g-2 (1.5249; 1.2e-3 at the same warm-up and gamma: 1.5252)."""
+
+
+def one_factor_g_2(runs) -> list[Cell]:
+    """One factor at a time around :data:`ROUND_2`: weight decay 1.0, beta1 0.98 / 0.95 / 0.9, beta2 0.95,
+    gradient clipping 1.0, the Hessian bias correction off, the cosine down to 0 (instead of 10 % of the peak)."""
+    c = ROUND_2
+    return ([c.with_(weight_decay=1.0)] + [c.with_(sophia_betas=(b1, 0.99)) for b1 in (0.98, 0.95, 0.9)]
+            + [c.with_(sophia_betas=(0.965, 0.95)), c.with_(clip_grad_norm=1.0),
+               c.with_(sophia_hessian_bias_correction=False), c.with_(final_lr_frac=0.0)])
+
+
+def combined_h_2(runs) -> list[Cell]:
+    """Sophia-H (no Hessian bias correction: it hurt Sophia-H at 10 %) at the two best warmup-lr-g-2 cells, and at
+    lr 7.5e-4 with gamma 0.05 / 0.1 (the first cells of a 70 % grid, stopped when beta1 0.9 changed the base)."""
+    return ([Cell.make("sophia-h", lr, sophia_gamma=0.1, warmup_frac=0.7) for lr in (8.5e-4, 1.2e-3)]
+            + [Cell.make("sophia-h", 7.5e-4, sophia_gamma=g, warmup_frac=0.7) for g in (0.05, 0.1)])
+
+
+def beta1_g(runs) -> list[Cell]:
+    """beta1 0.9 (one-factor-g-2: 1.4307 against 1.5249 at 0.965; 0.95: 1.4805; 0.98: 1.809) changes the base: beta1
+    0.8 / 0.85, and around beta1 0.9 the lr (6e-4-2.4e-3), warm-up (50 %, 30 %), gamma (0.05, 0.2) and clipping 1.0;
+    Sophia-H and Signum at beta1 0.9."""
+    c = ROUND_2.with_(sophia_betas=(0.9, 0.99))
+    return ([ROUND_2.with_(sophia_betas=(b1, 0.99)) for b1 in (0.8, 0.85)]
+            + [c.with_(lr=lr) for lr in (1.2e-3, 6e-4)] + [c.with_(warmup_frac=w) for w in (0.5, 0.3)]
+            + [c.with_(sophia_gamma=g) for g in (0.05, 0.2)] + [c.with_(clip_grad_norm=1.0)]
+            + [Cell.make("sophia-h", lr, sophia_gamma=0.1, warmup_frac=0.7, sophia_betas=(0.9, 0.99))
+               for lr in (8.5e-4, 1.2e-3, 1.7e-3)]
+            + [Cell.make("signum", 8.5e-4, warmup_frac=0.7, sophia_betas=(0.9, 0.99))]
+            + [c.with_(lr=lr) for lr in (1.7e-3, 2.4e-3)]  # after 1.2e-3 (1.3926) beat 8.5e-4 (1.4307)
+            # after the 50 % warm-up (1.4216) beat 70 % (1.4307) at 8.5e-4 (30 % and 10 % at 1.2e-3: not run, time):
+            + [c.with_(lr=lr, warmup_frac=0.5) for lr in (1.2e-3, 1.7e-3)])
+
+
+def controls_3(runs) -> list[Cell]:
+    """The 70 % warm-up for the controls: Signum at the two best Sophia-G lrs, AdamW at its default lr."""
+    return ([Cell.make("signum", lr, warmup_frac=0.7) for lr in (8.5e-4, 1.2e-3)]
+            + [Cell.make("adamw", 6e-3, warmup_frac=0.7)])
+
+
+def grid_2_base(runs, optimizer: str) -> Cell:
+    """The settings of ``optimizer``'s lr × gamma grid at beta1 0.9: its best beta1-g cell (lr and gamma vary)."""
+    (c,) = best(runs, ("beta1-g",), optimizer)
+    return c
+
+
+def grid_2(optimizer: str) -> Callable[[list[dict]], list[Cell]]:
+    lrs = (1.5e-3, 3e-3, 7.5e-4, 6e-3)  # the first grid's lrs from 7.5e-4 (6e-4 gave 1.50 at beta1 0.9), optimum first
+
+    def cells(runs) -> list[Cell]:
+        base = grid_2_base(runs, optimizer)
+        return [base.with_(lr=lr, sophia_gamma=g) for lr in lrs for g in (0.1, 0.05, 0.2)]
+    cells.__doc__ = f"lr × gamma for {optimizer} at the settings of its best beta1-g cell (the grid's lrs and gammas)"
+    return cells
+
+
+def controls_4(runs) -> list[Cell]:
+    """Signum at beta1 0.9 and warm-up 70 % at Sophia-G's larger lrs (8.5e-4 ran in beta1-g)."""
+    return [Cell.make("signum", lr, warmup_frac=0.7, sophia_betas=(0.9, 0.99)) for lr in (1.7e-3, 2.4e-3)]
+
+
+def seeds_2(runs) -> list[Cell]:
+    """Seeds 1 and 2 of the best Sophia-G and Sophia-H cells of every phase so far."""
+    (g,) = best(runs, SOPHIA_PHASES["sophia-g"], "sophia-g")
+    (h,) = best(runs, SOPHIA_PHASES["sophia-h"], "sophia-h")
+    return [c.with_(seed=s) for c in (g, h) for s in (1, 2)]
+
+
+def torch_2(runs) -> list[Cell]:
+    """The best Sophia-G in PyTorch (its labels by the inverse CDF since the first round; Sophia-H: not run, time)."""
+    return [c.with_(framework="torch") for c in finalists(runs) if c.optimizer == "sophia-g"]
+
+
+def horizon(runs) -> list[Cell]:
+    """3,000 steps (the same schedule shape: warm-up fraction, then cosine to 10 % over the longer run) of AdamW at
+    the example's default (the judged reference) and the best Sophia-G / Sophia-H."""
+    return ([Cell.make("adamw", 6e-3, steps=3000)]
+            + [c.with_(steps=3000) for c in finalists(runs) if c.optimizer.startswith("sophia")])
 
 
 PHASES: dict[str, Callable[[list[dict]], list[Cell]]] = {
@@ -297,6 +314,17 @@ PHASES: dict[str, Callable[[list[dict]], list[Cell]]] = {
     "seeds": seeds,
     "default-200": default_200,
     "torch": torch_confirmation,
+    "warmup-lr-g-2": warmup_lr_g_2,
+    "one-factor-g-2": one_factor_g_2,
+    "combined-h-2": combined_h_2,
+    "controls-3": controls_3,
+    "beta1-g": beta1_g,
+    "grid-g-2": grid_2("sophia-g"),
+    "grid-h-2": grid_2("sophia-h"),
+    "controls-4": controls_4,
+    "seeds-2": seeds_2,
+    "default-200-2": default_200,  # at the new recipes
+    "torch-2": torch_2,
     "horizon": horizon,
 }
 ORDER = tuple(PHASES)

@@ -212,6 +212,36 @@ def test_study_cells_record_and_report(tmp_path):
     assert md.count("| jax | sophia-g |") == len(study_plan.LRS) * len(study_plan.GAMMAS) and "1.5000" in md
     study.heatmap(doc, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+    assert [opt for opt, _ in study.heatmap_panels(doc)] == ["sophia-g"]
+
+
+def test_study_second_grid_takes_the_best_beta1_cell(tmp_path):
+    """The beta1 0.9 grids vary lr and gamma around each estimator's best beta1-g cell, and the report draws a panel
+    for each (with only that grid's cells in it)."""
+    from examples.charlm import study, study_plan
+
+    def record(c, phase, final):
+        res = common.RunResult("jax", c.optimizer, c.lr, c.steps, [0, c.steps], [4.6, final], [4.0] * 25,
+                               win_rate=[0.1, 0.3])
+        return dict(key=c.key(), phase=phase, cell=c.to_dict(), result=study.slim(res))
+
+    cells = study_plan.beta1_g([])
+    finals = {c: 1.5 + 0.01 * i for i, c in enumerate(cells)}
+    (g_best,) = [c for c in cells if c.optimizer == "sophia-g" and c.lr == 2.4e-3]
+    (h_best,) = [c for c in cells if c.optimizer == "sophia-h" and c.lr == 1.2e-3]
+    finals[g_best], finals[h_best] = 1.30, 1.31
+    runs = [record(c, "beta1-g", f) for c, f in finals.items()]
+    assert study_plan.grid_2_base(runs, "sophia-g") == g_best
+    grid = study_plan.grid_2("sophia-h")(runs)
+    assert len(grid) == 12 and {c.with_(lr=h_best.lr, sophia_gamma=h_best.get("sophia_gamma")) for c in grid} == {h_best}
+    runs += [record(c, "grid-h-2", 1.4) for c in grid]
+    doc = dict(runs=runs)
+    panels = study.heatmap_panels(doc)
+    assert [opt for opt, _ in panels] == ["sophia-g", "sophia-g", "sophia-h"]
+    assert len(study.grid_cells(doc, "sophia-h", panels[2][1])) == 12
+    assert study.grid_cells(doc, "sophia-g", panels[1][1]) == {}  # g_best's lr 2.4e-3 is off the heatmap's lrs
+    study.heatmap(doc, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000
 
 
 def test_study_combines_the_improving_factors():
