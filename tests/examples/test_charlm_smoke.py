@@ -233,7 +233,8 @@ def test_study_second_grid_takes_the_best_beta1_cell(tmp_path):
     runs = [record(c, "beta1-g", f) for c, f in finals.items()]
     assert study_plan.grid_2_base(runs, "sophia-g") == g_best
     grid = study_plan.grid_2("sophia-h")(runs)
-    assert len(grid) == 12 and {c.with_(lr=h_best.lr, sophia_gamma=h_best.get("sophia_gamma")) for c in grid} == {h_best}
+    assert len(grid) == 12
+    assert {c.with_(lr=h_best.lr, sophia_gamma=h_best.get("sophia_gamma")) for c in grid} == {h_best}
     runs += [record(c, "grid-h-2", 1.4) for c in grid]
     doc = dict(runs=runs)
     panels = study.heatmap_panels(doc)
